@@ -1,0 +1,156 @@
+"""Reading StoryStream records and deciding, per record, whether it is usable.
+
+A record is one jsonl line: ``{"id", "images" (or "image"), "captions", ...}`` with image paths
+relative to an image root. Anything wrong with a record is *skipped and counted by kind*,
+warned once per kind with the file and line, never raised: one bad line must not stop a
+training run. Only a wrong path for a whole file or image root raises, before training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Skip kinds, used as counter keys and in log messages.
+MALFORMED_JSON = "malformed_json"
+NON_UTF8 = "non_utf8"
+MISSING_FIELD = "missing_field"
+LENGTH_MISMATCH = "length_mismatch"
+TOO_FEW_FRAMES = "too_few_frames"
+EMPTY_CAPTION = "empty_caption"
+MISSING_IMAGE = "missing_image"
+NOT_A_FILE = "not_a_file"
+EMPTY_IMAGE = "empty_image"
+UNREADABLE_IMAGE = "unreadable_image"  # decoding failed at load time (truncated, corrupt)
+
+GROUND_TRUTH_PER_FRAME = ("characters",)
+
+
+@dataclass
+class StoryRecord:
+    """One validated story: frames in order, with optional ground truth."""
+
+    story_id: str
+    images: list[str]  # paths relative to the image root, or member names inside a shard
+    captions: list[str]
+    characters: list[list[str]] | None = None
+    background: str | None = None
+    source: str = ""  # "file:line" for messages
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class SkipCounter:
+    """Counts skipped inputs by kind and warns once per kind with an example location."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._warned: set[str] = set()
+
+    def skip(self, kind: str, where: str, detail: str = "") -> None:
+        self.counts[kind] += 1
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("skipping %s at %s%s (further ones are counted, not warned)", kind, where, f": {detail}" if detail else "")
+
+    def merge(self, counts: dict[str, int]) -> None:
+        for kind, n in counts.items():
+            if kind not in self._warned:
+                self._warned.add(kind)
+                log.warning("skipping %s while loading a batch (further ones are counted, not warned)", kind)
+            self.counts[kind] += n
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def parse_record(line: bytes, source: str, min_frames: int, skips: SkipCounter) -> StoryRecord | None:
+    """Parse one jsonl line; return None (and count why) when it is unusable."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        skips.skip(NON_UTF8, source, str(err))
+        return None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        skips.skip(MALFORMED_JSON, source, str(err))
+        return None
+    if not isinstance(raw, dict):
+        skips.skip(MALFORMED_JSON, source, "a line must hold a JSON object")
+        return None
+    images = raw.get("images", raw.get("image"))
+    captions = raw.get("captions")
+    if not isinstance(images, list) or not isinstance(captions, list):
+        skips.skip(MISSING_FIELD, source, "needs lists 'images' and 'captions'")
+        return None
+    if len(images) != len(captions):
+        skips.skip(LENGTH_MISMATCH, source, f"{len(images)} images vs {len(captions)} captions")
+        return None
+    if len(images) < min_frames:
+        skips.skip(TOO_FEW_FRAMES, source, f"{len(images)} frames < {min_frames}")
+        return None
+    if any(not isinstance(c, str) or not c.strip() for c in captions):
+        skips.skip(EMPTY_CAPTION, source)
+        return None
+    characters = raw.get("characters")
+    if characters is not None and len(characters) != len(images):
+        characters = None  # ground truth that does not line up is not ground truth
+    extra = {k: v for k, v in raw.items() if k not in {"id", "images", "image", "captions", "characters", "background", "orders"}}
+    return StoryRecord(
+        story_id=str(raw.get("id", source)),
+        images=[str(p) for p in images],
+        captions=[c.strip() for c in captions],
+        characters=characters,
+        background=raw.get("background"),
+        source=source,
+        extra=extra,
+    )
+
+
+def read_jsonl(path: Path, min_frames: int, skips: SkipCounter) -> list[StoryRecord]:
+    """All usable records of one jsonl file (bytes are decoded per line so one bad line is local)."""
+    records = []
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record = parse_record(line.rstrip(b"\r\n"), f"{path}:{number}", min_frames, skips)
+            if record is not None:
+                records.append(record)
+    return records
+
+
+def check_image_file(path: str) -> str | None:
+    """Cheap check made once at setup; returns a skip kind or None. Decoding is checked at load."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return MISSING_IMAGE
+    except OSError:
+        return MISSING_IMAGE
+    if not os.path.isfile(path):
+        return NOT_A_FILE
+    if stat.st_size == 0:
+        return EMPTY_IMAGE
+    return None
+
+
+def record_to_json(record: StoryRecord) -> dict[str, Any]:
+    """Inverse of :func:`parse_record` (used by the chunking and shard tools)."""
+    out: dict[str, Any] = {"id": record.story_id, "images": record.images, "captions": record.captions}
+    if record.characters is not None:
+        out["characters"] = record.characters
+    if record.background is not None:
+        out["background"] = record.background
+    out.update(record.extra)
+    return out

@@ -1,0 +1,408 @@
+"""The StoryStream DataModule shared by all three stages.
+
+Reads StoryStream-format jsonl files (images under ``image_root``) or webdataset shards made by
+:mod:`datamodules.to_webdataset`, validates every record once in ``setup`` (bad ones are
+skipped and counted), and serves either single frames (stage 1) or random-length story chunks
+(stages 2-3). Batch keys are documented in :mod:`datamodules.batch`.
+
+Sampling is owned here, not by Lightning: :class:`EpochSampler` shuffles with ``seed + epoch``,
+gives each rank a disjoint slice, and DataLoader workers split that slice batch by batch, so
+each sample is seen once per epoch across ranks and workers. The random chunk of a story is
+drawn from ``(seed, epoch, index)``, so a run is reproducible and can be resumed mid-epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from datamodules import records, shards
+from datamodules.batch import collate_frames, collate_stories
+from datamodules.images import FileStore, FrameViews, ImageStore, TarStore, UnreadableImage, decode_rgb
+from datamodules.records import SkipCounter, StoryRecord
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "val", "test", "predict"]
+
+
+@dataclass
+class SyntheticWorld:
+    """Where and how to make the synthetic world when the configured files are absent."""
+
+    out: str = "data/synthetic"
+    stories: int = 400
+    seed: int = 0
+    size: int = 64
+
+
+class StoryStreamDataset(Dataset):
+    """Map-style dataset indexed by ``(index, epoch)`` pairs from :class:`EpochSampler`.
+
+    Returns a sample dict, or a skip kind (str) when an image cannot be decoded: the collate
+    function counts those, so one unreadable file costs one sample, never the run.
+    """
+
+    def __init__(
+        self,
+        stories: list[StoryRecord],
+        store: ImageStore,
+        views: FrameViews,
+        mode: Literal["frames", "stories"],
+        min_images: int,
+        max_images: int,
+        seed: int,
+        frames: list[tuple[int, int]] | None = None,
+    ):
+        self.stories = stories
+        self.store = store
+        self.views = views
+        self.mode = mode
+        self.min_images = min_images
+        self.max_images = max_images
+        self.seed = seed
+        # frames mode: (story, frame) pairs whose image passed the setup check
+        self.frames = frames if frames is not None else [(s, f) for s, st in enumerate(stories) for f in range(len(st))]
+
+    def __len__(self) -> int:
+        return len(self.frames) if self.mode == "frames" else len(self.stories)
+
+    def chunk_bounds(self, index: int, epoch: int) -> tuple[int, int]:
+        """(start, length) of the chunk drawn for story ``index`` in ``epoch``: 2..L frames."""
+        n = len(self.stories[index])
+        rng = np.random.default_rng([self.seed, epoch, index])
+        length = int(rng.integers(self.min_images, min(self.max_images, n) + 1))
+        start = int(rng.integers(0, n - length + 1))
+        return start, length
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any] | str:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        rng = np.random.default_rng([self.seed, epoch, index, 1])
+        try:
+            if self.mode == "frames":
+                return self._frame(index, rng)
+            return self._story(index, epoch, rng)
+        except UnreadableImage as err:
+            return err.kind
+
+    def _load(self, ref: str, rng: np.random.Generator) -> dict[str, Any]:
+        return self.views(decode_rgb(self.store.read(ref), ref), rng)
+
+    def _frame(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        story_index, frame = self.frames[index]
+        story = self.stories[story_index]
+        sample = self._load(story.images[frame], rng)
+        sample.update(
+            captions=story.captions[frame],
+            characters=story.characters[frame] if story.characters else None,
+            background=story.background,
+            story_id=story.story_id,
+            frame_index=frame,
+        )
+        return sample
+
+    def _story(self, index: int, epoch: int, rng: np.random.Generator) -> dict[str, Any]:
+        story = self.stories[index]
+        start, length = self.chunk_bounds(index, epoch)
+        span = range(start, start + length)
+        views = [self._load(story.images[f], rng) for f in span]
+        return {
+            "vit_pixels": torch.stack([v["vit_pixels"] for v in views]),
+            "pixels": torch.stack([v["pixels"] for v in views]),
+            "original_size": [v["original_size"] for v in views],
+            "crop_top_left": [v["crop_top_left"] for v in views],
+            "target_size": [v["target_size"] for v in views],
+            "captions": [story.captions[f] for f in span],
+            "characters": [story.characters[f] for f in span] if story.characters else None,
+            "background": story.background,
+            "story_id": story.story_id,
+            "frame_index": list(span),
+        }
+
+
+class EpochSampler(DistributedSampler):
+    """Yields ``(index, epoch)``; each rank takes a disjoint slice of a per-epoch permutation.
+
+    A ``DistributedSampler`` subclass so that Lightning keeps it instead of injecting its own.
+    Training (``even=True``) drops the ``< world_size`` remainder of the permutation so every
+    rank runs the same number of steps (which samples are dropped changes every epoch); other
+    splits (``even=False``) give every sample to exactly one rank. No sample is ever repeated.
+    ``start_index`` skips the first samples of this rank's slice (exact mid-epoch resume).
+    """
+
+    def __init__(self, size: int, num_replicas: int, rank: int, shuffle: bool, seed: int, even: bool):
+        self.size = size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle = shuffle
+        self.seed = seed
+        self.even = even
+        self.epoch = 0
+        self.start_index = 0
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        else:
+            order = np.arange(self.size)
+        if self.even:
+            order = order[: self.size - self.size % self.num_replicas]
+        return [int(i) for i in order[self.rank :: self.num_replicas]]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self._indices()[self.start_index :]:
+            yield index, self.epoch
+
+    def __len__(self) -> int:
+        return len(self._indices()) - self.start_index
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start_index = 0
+        self.epoch = epoch
+
+
+class StoryStreamDataModule(L.LightningDataModule):
+    """StoryStream stories for every stage (see the module docstring and :mod:`datamodules.batch`).
+
+    Args:
+        train_files / val_files / test_files / predict_files: jsonl files, or shard patterns
+            such as ``shards/train-{000000..000009}.tar``; a string or a list.
+        image_root: folder that the jsonl image paths are relative to (unused for shards).
+        mode: ``"frames"`` (single images, stage 1) or ``"stories"`` (chunks, stages 2-3).
+        max_images / min_images: a story sample has ``min_images..max_images`` consecutive frames.
+        vit_image_size: side of the ViT view (the encoder's input size, e.g. 448 for Qwen-VL).
+        image_size: (height, width) or a side of the diffusion view.
+        synthetic: make the synthetic world in ``prepare_data`` when the files are absent.
+    """
+
+    def __init__(
+        self,
+        train_files: str | list[str] | None = None,
+        val_files: str | list[str] | None = None,
+        test_files: str | list[str] | None = None,
+        predict_files: str | list[str] | None = None,
+        image_root: str | None = None,
+        mode: Literal["frames", "stories"] = "stories",
+        max_images: int = 10,
+        min_images: int = 2,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        vit_image_size: int = 224,
+        image_size: int | tuple[int, int] = 64,
+        random_crop: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        synthetic: SyntheticWorld | None = None,
+    ):
+        super().__init__()
+        if min_images < 1 or max_images < min_images:
+            raise ValueError(f"need 1 <= min_images <= max_images, got {min_images} and {max_images}")
+        self.save_hyperparameters()
+        self.files: dict[str, list[str]] = {
+            "train": _as_list(train_files),
+            "val": _as_list(val_files),
+            "test": _as_list(test_files),
+            "predict": _as_list(predict_files),
+        }
+        self.image_root = image_root
+        self.mode = mode
+        self.max_images = max_images
+        self.min_images = min_images
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.views = FrameViews(vit_size=vit_image_size, image_size=size, random_crop=random_crop)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.synthetic = synthetic
+        self.datasets: dict[str, StoryStreamDataset] = {}
+        self.setup_skips = SkipCounter()  # records rejected in setup
+        self.load_skips = SkipCounter()  # samples rejected while loading, since the last report
+        self._samplers: dict[str, EpochSampler] = {}
+        self._resume_state: dict[str, Any] | None = None
+
+    # -- data creation and loading -------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Make the synthetic world once (rank 0 of each node) if it is configured and absent."""
+        if self.synthetic is None:
+            return
+        needed = [f for fs in self.files.values() for f in fs if not shards.is_shard_spec(f)]
+        if needed and all(Path(f).exists() for f in needed):
+            return
+        make_synthetic_world(self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        wanted = splits.get(stage, ("train", "val", "test", "predict")) if stage else ("train", "val", "test", "predict")
+        for split in wanted:
+            if split in self.datasets or not self.files[split]:
+                continue
+            self._check_paths(split)
+            self.datasets[split] = self._build(split)
+        if self.setup_skips.total():
+            log.warning("setup skipped %d records or frames: %s", self.setup_skips.total(), dict(self.setup_skips.counts))
+
+    def _check_paths(self, split: str) -> None:
+        for spec in self.files[split]:
+            paths = shards.expand_shards(spec) if shards.is_shard_spec(spec) else [spec]
+            for path in paths:
+                if not Path(path).is_file():
+                    hint = " (or set `data.synthetic` to generate the synthetic world there)" if self.synthetic is None else ""
+                    raise FileNotFoundError(f"{split}_files: {path} does not exist; fix the path in the data config{hint}")
+            if not shards.is_shard_spec(spec) and (self.image_root is None or not Path(self.image_root).is_dir()):
+                raise FileNotFoundError(
+                    f"image_root: {self.image_root} is not a folder; set `data.image_root` to the folder "
+                    f"that the image paths in {spec} are relative to"
+                )
+
+    def _build(self, split: str) -> StoryStreamDataset:
+        stories: list[StoryRecord] = []
+        members: dict[str, tuple[str, int, int]] = {}
+        file_stories: list[StoryRecord] = []
+        for spec in self.files[split]:
+            if shards.is_shard_spec(spec):
+                for path in shards.expand_shards(spec):
+                    found, refs = shards.index_shard(path, self.min_images, self.setup_skips)
+                    stories.extend(found)
+                    members.update(refs)
+            else:
+                file_stories.extend(records.read_jsonl(Path(spec), self.min_images, self.setup_skips))
+        if members and file_stories:
+            raise ValueError(f"{split}_files mixes jsonl files and shards; use one kind per split")
+        if file_stories:
+            store: ImageStore = FileStore(str(self.image_root))
+            stories, frames = self._check_images(file_stories, store)
+        else:
+            store = TarStore(members)
+            frames = None
+        log.info("%s: %d stories from %s", split, len(stories), self.files[split])
+        return StoryStreamDataset(stories, store, self.views, self.mode, self.min_images, self.max_images, self.seed, frames)
+
+    def _check_images(self, stories: list[StoryRecord], store: FileStore) -> tuple[list[StoryRecord], list[tuple[int, int]]]:
+        """Drop a story (stories mode) or a frame (frames mode) whose image file is not usable."""
+        kept: list[StoryRecord] = []
+        frames: list[tuple[int, int]] = []
+        for story in stories:
+            bad = {f: kind for f, ref in enumerate(story.images) if (kind := records.check_image_file(store.path(ref)))}
+            for f, kind in bad.items():
+                self.setup_skips.skip(kind, f"{story.source} ({store.path(story.images[f])})")
+            if self.mode == "stories" and bad:
+                continue
+            frames.extend((len(kept), f) for f in range(len(story)) if f not in bad)
+            kept.append(story)
+        return kept, frames
+
+    # -- loaders ---------------------------------------------------------------------------
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
+        dataset = self.datasets[split]
+        world_size, rank = self._replicas()
+        sampler = EpochSampler(len(dataset), world_size, rank, shuffle=train and self.shuffle, seed=self.seed, even=train)
+        if train and self._resume_state:
+            sampler.set_epoch(self._resume_state["epoch"])
+            sampler.start_index = self._resume_state["start_index"]
+            self._resume_state = None
+        self._samplers[split] = sampler
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_frames if self.mode == "frames" else collate_stories,
+            persistent_workers=False,
+            drop_last=False,
+        )
+
+    def _replicas(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.eval_batch_size, train=False)
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Collect what the workers skipped; the batch itself goes on without it."""
+        skipped = batch.pop("skipped", None)
+        if skipped:
+            self.load_skips.merge(skipped)
+        return batch
+
+    # -- reporting and resume --------------------------------------------------------------
+
+    def skip_report(self, reset: bool = True) -> dict[str, int]:
+        """Skips by kind since the last report (load time) plus those of setup."""
+        report = dict(self.setup_skips.counts)
+        for kind, n in self.load_skips.counts.items():
+            report[kind] = report.get(kind, 0) + n
+        if reset:
+            self.load_skips.counts.clear()
+        return report
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position, saved in checkpoints for exact mid-epoch resume."""
+        trainer = getattr(self, "trainer", None)
+        sampler = self._samplers.get("train")
+        if trainer is None or sampler is None:
+            return {}
+        # The loop's progress counts batches since the start of the epoch (it is restored on
+        # resume too), so it gives this rank's position in the sampler's slice.
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": sampler.epoch, "start_index": batches_done * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_state = dict(state_dict) if state_dict else None
+
+
+def make_synthetic_world(config: SyntheticWorld) -> Path:
+    """Generate into a temporary sibling folder, then rename: a crash never leaves half a world."""
+    from datamodules import synthetic
+
+    out = Path(config.out)
+    if (out / "train.jsonl").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    log.info("making the synthetic world (%d stories) in %s", config.stories, out)
+    synthetic.generate(tmp, config.stories, config.seed, (config.size, config.size))
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process won the race, or `out` exists but is incomplete
+        if not (out / "train.jsonl").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _as_list(files: str | Sequence[str] | None) -> list[str]:
+    if files is None:
+        return []
+    return [files] if isinstance(files, str) else list(files)

@@ -1,0 +1,38 @@
+"""Shared fixtures: small synthetic worlds made once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from datamodules import synthetic  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 stories of 30 frames at 32x32: 16 train, 2 val, 2 test."""
+    out = tmp_path_factory.mktemp("world") / "synthetic"
+    synthetic.generate(out, stories=20, seed=0, size=(32, 32))
+    return out
+
+
+def data_args(world: Path, **overrides) -> dict:
+    """StoryStreamDataModule kwargs for a synthetic world folder."""
+    args = dict(
+        train_files=str(world / "train.jsonl"),
+        val_files=str(world / "val.jsonl"),
+        test_files=str(world / "test.jsonl"),
+        image_root=str(world / "images"),
+        vit_image_size=32,
+        image_size=32,
+        batch_size=4,
+    )
+    args.update(overrides)
+    return args
