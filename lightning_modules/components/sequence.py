@@ -1,0 +1,185 @@
+"""Interleaved story sequences for the MLLM (pure functions, no model).
+
+One sample with frames ``0..k`` becomes::
+
+    BOS cap_0 <img> q*Q </img> [INST] cap_1 <img> q*Q </img> ... [INST] cap_k <img> g*Q </img> EOS
+
+Text comes before its image. Context images' ``Q`` slots (``q``) are overwritten with the input
+resampler's output for that frame; the target image keeps the learned ``<img_xxxxx>`` query
+embeddings (``g``) and the LLM's hidden states there regress its features.
+
+``supervise="last"`` (SEED-Story): cross-entropy on ``[INST] cap_k <img>`` and ``EOS`` only;
+image tokens and ``</img>`` are never labels; one regression target, frame ``k``.
+
+``supervise="all"``: every step's text is labelled and every frame ``j >= 1`` is a regression
+target in the same pass. Frame ``j``'s block becomes ``<img> g*Q q*Q </img>``: the query copy
+``g`` and the context copy ``q`` share the same positions, and a 4-D mask hides each ``g`` block
+from every token outside it. Each token therefore sees exactly what it would see in its own
+``supervise="last"`` sequence (the test suite checks the logits are equal), with ~L x more
+targets per forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from lightning_modules.components.tokenizer import StoryTokens
+
+IGNORE_INDEX = -100
+
+Supervise = Literal["last", "all"]
+
+
+@dataclass
+class StorySequence:
+    """A padded batch of interleaved sequences and where its image slots are.
+
+    Slot tensors hold flat indices into ``(B * T)``; ``*_frames`` hold (row, frame) pairs that
+    say which frame of the batch (``frame`` indexes the batch's frames of that row) fills or is
+    regressed at those slots.
+    """
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) long, or (B, 1, T, T) bool when supervise="all"
+    position_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE_INDEX where not supervised
+    context_slots: torch.Tensor  # (Nc, Q)
+    context_frames: torch.Tensor  # (Nc, 2)
+    target_slots: torch.Tensor  # (Ng, Q)
+    target_frames: torch.Tensor  # (Ng, 2)
+    dropped_steps: int = 0  # leading steps cut to fit max_length
+    truncated_captions: int = 0  # captions cut because one step alone exceeded max_length
+    lengths: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Sample:
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    block: list[int] = field(default_factory=list)  # id of the hidden query block, -1 elsewhere
+    context: list[tuple[int, int]] = field(default_factory=list)  # (frame, first index)
+    targets: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, token: int, label: bool, position: int | None = None, block: int = -1) -> None:
+        if position is None:  # the next position after the previous token
+            position = self.positions[-1] + 1 if self.positions else 0
+        self.positions.append(position)
+        self.ids.append(token)
+        self.labels.append(token if label else IGNORE_INDEX)
+        self.block.append(block)
+
+
+def _layout(caption_ids: list[list[int]], first_frame: int, tokens: StoryTokens, supervise: Supervise) -> _Sample:
+    sample = _Sample()
+    last = len(caption_ids) - 1
+    q = len(tokens.slots)
+    for j, caption in enumerate(caption_ids):
+        labelled = supervise == "all" or j == last
+        if j == 0:
+            sample.add(tokens.bos, label=False)
+            text = caption
+        else:
+            text = tokens.separator + caption
+        for token in text:
+            sample.add(token, label=labelled)
+        sample.add(tokens.img_start, label=labelled)
+        start = sample.positions[-1] + 1
+        frame = first_frame + j
+        is_target = j == last or (supervise == "all" and j >= 1)
+        if is_target:
+            sample.targets.append((frame, len(sample.ids)))
+            hidden = j != last  # a context copy follows: hide these queries from later tokens
+            for i, slot in enumerate(tokens.slots):
+                sample.add(slot, label=False, position=start + i, block=frame if hidden else -1)
+        if j != last:
+            sample.context.append((frame, len(sample.ids)))
+            for i, slot in enumerate(tokens.slots):
+                sample.add(slot, label=False, position=start + i)
+        sample.add(tokens.img_end, label=False, position=start + q)
+    sample.add(tokens.eos, label=True)
+    return sample
+
+
+def build_story_sequences(
+    captions: list[list[str]],
+    tokenizer,
+    tokens: StoryTokens,
+    supervise: Supervise = "last",
+    max_length: int | None = None,
+    padding_side: Literal["left", "right"] = "right",
+) -> StorySequence:
+    """Tokenise and lay out a batch of stories (each a list of >= 1 captions, one per frame)."""
+    tokenized = [[tokenizer(c, add_special_tokens=False)["input_ids"] for c in story] for story in captions]
+    samples, dropped, truncated = [], 0, 0
+    for story in tokenized:
+        first = 0
+        sample = _layout(story, first, tokens, supervise)
+        while max_length is not None and len(sample.ids) > max_length and len(story) - first > 1:
+            first += 1  # drop a whole leading step (its caption and image)
+            dropped += 1
+            sample = _layout(story[first:], first, tokens, supervise)
+        if max_length is not None and len(sample.ids) > max_length:
+            keep = max(1, len(story[-1]) - (len(sample.ids) - max_length))
+            truncated += 1
+            sample = _layout([story[-1][:keep]], len(story) - 1, tokens, supervise)
+        samples.append(sample)
+    return _pad(samples, tokens.pad, len(tokens.slots), padding_side, supervise, dropped, truncated)
+
+
+def _pad(
+    samples: list[_Sample], pad: int, num_slots: int, side: str, supervise: Supervise, dropped: int, truncated: int
+) -> StorySequence:
+    batch, width = len(samples), max(len(s.ids) for s in samples)
+    input_ids = torch.full((batch, width), pad, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((batch, width), dtype=torch.long)
+    mask2d = torch.zeros((batch, width), dtype=torch.long)
+    blocks = torch.full((batch, width), -1, dtype=torch.long)
+    context, context_frames, targets, target_frames = [], [], [], []
+    for row, s in enumerate(samples):
+        offset = width - len(s.ids) if side == "left" else 0
+        cols = slice(offset, offset + len(s.ids))
+        input_ids[row, cols] = torch.tensor(s.ids)
+        labels[row, cols] = torch.tensor(s.labels)
+        positions[row, cols] = torch.tensor(s.positions)
+        mask2d[row, cols] = 1
+        blocks[row, cols] = torch.tensor(s.block)
+        for frame, start in s.context:
+            context.append(row * width + offset + start + torch.arange(num_slots))
+            context_frames.append((row, frame))
+        for frame, start in s.targets:
+            targets.append(row * width + offset + start + torch.arange(num_slots))
+            target_frames.append((row, frame))
+    attention: torch.Tensor = mask2d
+    if supervise == "all":
+        attention = _block_causal_mask(mask2d, blocks)
+    return StorySequence(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        labels=labels,
+        context_slots=torch.stack(context) if context else torch.zeros((0, num_slots), dtype=torch.long),
+        context_frames=torch.tensor(context_frames, dtype=torch.long).view(-1, 2),
+        target_slots=torch.stack(targets),
+        target_frames=torch.tensor(target_frames, dtype=torch.long).view(-1, 2),
+        dropped_steps=dropped,
+        truncated_captions=truncated,
+        lengths=[len(s.ids) for s in samples],
+    )
+
+
+def _block_causal_mask(mask2d: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal, padding hidden, and each hidden query block seen only from inside."""
+    width = mask2d.shape[1]
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    keys_real = mask2d.bool()[:, None, :]
+    key_block = blocks[:, None, :]
+    query_block = blocks[:, :, None]
+    visible = causal[None] & keys_real & ((key_block == -1) | (key_block == query_block))
+    # a padding query row with no visible key would give NaN in softmax: let it see itself
+    visible |= torch.eye(width, dtype=torch.bool)[None] & ~mask2d.bool()[:, :, None]
+    return visible[:, None]

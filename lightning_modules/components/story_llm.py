@@ -1,0 +1,122 @@
+"""The story-teller's language model: a causal LM with story tokens, LoRA and trainable norms.
+
+Built from a local folder (real scale: Llama-2-7b-hf) or from an architecture config (a dict or
+a JSON file such as ``lightning_modules/components/llama2_7b_config.json``) with random init;
+``meta_init`` builds the architecture on the ``meta`` device without weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+LLAMA2_7B_CONFIG = str(Path(__file__).with_name("llama2_7b_config.json"))
+
+
+@dataclass
+class LLMSpec:
+    """Where the LLM comes from (see the module docstring)."""
+
+    path: str | None = None
+    config: dict[str, Any] | str | None = None
+    meta_init: bool = False
+    trust_remote_code: bool = False
+    seed: int = 0  # random init seed when built from a config
+
+
+@dataclass
+class LoRASpec:
+    """LoRA on the attention and MLP projections; norms, embeddings and LM head fully trained."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # trained and saved whole inside the adapter (new story tokens live in the embeddings)
+    modules_to_save: list[str] = field(default_factory=lambda: ["embed_tokens", "lm_head", "input_layernorm", "post_attention_layernorm", "norm"])
+
+
+def llm_architecture(spec: LLMSpec) -> Any:
+    if spec.config is not None:
+        raw = json.loads(Path(spec.config).read_text()) if isinstance(spec.config, str) else dict(spec.config)
+        raw.pop("architectures", None)
+        model_type = raw.pop("model_type", "llama")
+        if model_type != "llama":
+            return AutoConfig.for_model(model_type, **raw)
+        return LlamaConfig(**raw)
+    if spec.path is None:
+        raise ValueError("llm: give `path` (a local model folder) or `config` (an architecture)")
+    return AutoConfig.from_pretrained(spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
+
+
+def build_llm(spec: LLMSpec) -> PreTrainedModel:
+    if spec.path is not None and not spec.meta_init:
+        if not Path(spec.path).is_dir():
+            raise FileNotFoundError(f"llm.path {spec.path} is not a folder; point it at a local Hugging Face model (e.g. Llama-2-7b-hf)")
+        return AutoModelForCausalLM.from_pretrained(
+            spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code, torch_dtype=torch.float32
+        )
+    config = llm_architecture(spec)
+    if spec.meta_init:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def grow_vocabulary(model: PreTrainedModel, new_size: int) -> int:
+    """Resize embeddings (and head) to ``new_size``; new rows start at the mean of the old rows.
+
+    The mean keeps the new tokens' logits and hidden states in the range of the trained ones,
+    so training starts from a sensible place instead of random directions.
+    """
+    old_size = model.get_input_embeddings().weight.shape[0]
+    if new_size <= old_size:
+        return 0
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    if model.get_input_embeddings().weight.is_meta:
+        return new_size - old_size
+    with torch.no_grad():
+        for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            matrix[old_size:] = matrix[:old_size].mean(0, keepdim=True)
+    return new_size - old_size
+
+
+def add_lora(model: PreTrainedModel, lora: LoRASpec) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        modules_to_save=list(lora.modules_to_save),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (for FSDP wrapping and activation checkpointing)."""
+    base = model
+    while hasattr(base, "base_model") and base.base_model is not base:
+        base = base.base_model
+    for candidate in (getattr(base, "model", None), getattr(getattr(base, "model", None), "model", None)):
+        layers = getattr(candidate, "layers", None)
+        if layers is not None:
+            return list(layers)
+    return []
