@@ -58,7 +58,8 @@ def llm_architecture(spec: LLMSpec) -> Any:
     return AutoConfig.from_pretrained(spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
 
 
-def build_llm(spec: LLMSpec) -> PreTrainedModel:
+def build_llm(spec: LLMSpec, vocab_size: int | None = None) -> PreTrainedModel:
+    """Load or build the LLM; ``vocab_size`` sets a config-built model's base vocabulary (tiny tokenizer)."""
     if spec.path is not None and not spec.meta_init:
         if not Path(spec.path).is_dir():
             raise FileNotFoundError(f"llm.path {spec.path} is not a folder; point it at a local Hugging Face model (e.g. Llama-2-7b-hf)")
@@ -66,6 +67,8 @@ def build_llm(spec: LLMSpec) -> PreTrainedModel:
             spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code, torch_dtype=torch.float32
         )
     config = llm_architecture(spec)
+    if vocab_size is not None:
+        config.vocab_size = vocab_size
     if spec.meta_init:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)

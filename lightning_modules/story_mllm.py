@@ -1,0 +1,359 @@
+"""Stage 2: the story-teller MLLM. Interleaved frames + captions -> next caption + next frame's features.
+
+Orchestration only: tokenizer, sequence layout, LLM building and the resampler live in
+:mod:`lightning_modules.components`. The loss is ``lm_weight * CE + rec_weight * regression``
+(``1 - cos`` per feature token by default, MSE optional) on the layout of
+:mod:`lightning_modules.components.sequence`.
+
+Tiny default: a small Llama built from a config with random init and trained fully (LoRA on a
+random network has nothing to preserve), a BPE tokenizer trained on the synthetic captions in
+``prepare_data``. Real scale: Llama-2-7b from a local folder with LoRA (r 16, alpha 32) on every
+projection, norms / embeddings / LM head trained, the published optimiser recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from datamodules.batch import batch_size
+from lightning_modules.components import story_llm
+from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
+from lightning_modules.components.sequence import IGNORE_INDEX, StorySequence, Supervise, build_story_sequences
+from lightning_modules.components.story_llm import LLMSpec, LoRASpec
+from lightning_modules.components.tokenizer import StoryTokens, add_story_tokens, load_story_tokenizer, make_tiny_tokenizer
+from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILE = "mllm.json"
+RESAMPLERS_FILE = "resamplers.safetensors"
+TOKEN_EMBEDDINGS_FILE = "story_token_embeddings.safetensors"
+
+
+@dataclasses.dataclass
+class StoryOutputs:
+    """What one teacher-forced pass produces (used by training, evaluation and stage 3)."""
+
+    sequence: StorySequence
+    logits: torch.Tensor  # (B, T, V)
+    predicted_features: torch.Tensor  # (Ng, N, D) regressed at the target slots
+    target_features: torch.Tensor  # (Ng, N, D) the true frames' ViT features
+    previous_features: torch.Tensor | None  # (Ng, N, D) features of the frame before each target
+
+
+class StoryMLLMModule(L.LightningModule):
+    """Next-caption CE + next-frame feature regression on interleaved story chunks.
+
+    Args:
+        llm: where the LLM comes from (local folder, architecture config, or ``meta_init``).
+        tokenizer_path: local tokenizer folder (the LLM's own at real scale).
+        tokenizer_train_file: tiny default: if ``tokenizer_path`` is absent, ``prepare_data``
+            trains a BPE tokenizer on this jsonl's captions and saves it there.
+        vision_encoder: the frozen visual tokenizer, the same config as stage 1.
+        num_queries: Q, the image slots per frame (real 64).
+        input_resampler / output_resampler: perceiver shapes; the input/output widths and query
+            counts are filled in from the encoder, Q and the LLM width.
+        lora: LoRA settings; ``None`` trains the whole LLM (the tiny random-init default).
+        supervise: ``last`` (SEED-Story) or ``all`` (every step's caption and image in one pass).
+        rec_loss: ``cosine`` (``1 - cos`` per feature token) or ``mse``.
+        max_length: token budget; longer samples lose whole leading steps (counted).
+        export_dir: where ``save_mllm`` writes at the end of ``fit`` (None: not written).
+    """
+
+    def __init__(
+        self,
+        llm: LLMSpec | None = None,
+        tokenizer_path: str = "data/synthetic/tokenizer",
+        tokenizer_train_file: str | None = None,
+        tokenizer_vocab_size: int = 512,
+        vision_encoder: VisionEncoderConfig | None = None,
+        num_queries: int = 64,
+        input_resampler: PerceiverConfig | None = None,
+        output_resampler: PerceiverConfig | None = None,
+        lora: LoRASpec | None = None,
+        supervise: Supervise = "last",
+        lm_weight: float = 1.0,
+        rec_weight: float = 1.0,
+        rec_loss: Literal["cosine", "mse"] = "cosine",
+        max_length: int = 1280,
+        gradient_checkpointing: bool = False,
+        export_dir: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.llm_spec = llm or LLMSpec(config=TINY_LLAMA)
+        self.tokenizer_path = tokenizer_path
+        self.tokenizer_train_file = tokenizer_train_file
+        self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.vision_encoder = FrozenVisionEncoder(vision_encoder or VisionEncoderConfig())
+        self.num_queries = num_queries
+        self.lora = lora
+        self.supervise = supervise
+        self.lm_weight = lm_weight
+        self.rec_weight = rec_weight
+        self.rec_loss = rec_loss
+        self.max_length = max_length
+        self.gradient_checkpointing = gradient_checkpointing
+        self.export_dir = export_dir
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+        width = story_llm.llm_architecture(self.llm_spec).hidden_size
+        encoder = self.vision_encoder
+        self.input_resampler = PerceiverResampler(dataclasses.replace(
+            input_resampler or PerceiverConfig(), input_dim=encoder.dim, num_queries=num_queries, output_dim=width))
+        self.output_resampler = PerceiverResampler(dataclasses.replace(
+            output_resampler or PerceiverConfig(), input_dim=width, num_queries=encoder.num_tokens, output_dim=encoder.dim))
+        self.llm: nn.Module | None = None
+        self.tokenizer = None
+        self.tokens: StoryTokens | None = None
+        self.base_vocab_size: int | None = None
+        self.dropped_steps = 0
+
+    # -- building --------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        if self.tokenizer_train_file and not Path(self.tokenizer_path).exists():
+            make_tiny_tokenizer(self.tokenizer_train_file, self.tokenizer_path, self.tokenizer_vocab_size)
+
+    def configure_model(self) -> None:
+        """Build the tokenizer and LLM (late, so FSDP can shard and ``meta`` stays cheap)."""
+        if self.llm is not None:
+            return
+        has_tokenizer = Path(self.tokenizer_path).exists()
+        if has_tokenizer:
+            self.tokenizer = load_story_tokenizer(self.tokenizer_path, self.num_queries)
+            self.tokens = StoryTokens.of(self.tokenizer, self.num_queries)
+        # a config-built LLM takes the tokenizer's base vocabulary; a loaded one keeps its own
+        from_config = self.llm_spec.path is None and has_tokenizer
+        model = story_llm.build_llm(self.llm_spec, vocab_size=self.tokenizer.vocab_size if from_config else None)
+        self.base_vocab_size = model.get_input_embeddings().weight.shape[0]
+        if has_tokenizer:
+            story_llm.grow_vocabulary(model, len(self.tokenizer))
+        elif self.llm_spec.meta_init:  # shape checks without tokenizer files
+            story_llm.grow_vocabulary(model, self.base_vocab_size + self.num_queries + 2)
+        else:
+            raise FileNotFoundError(
+                f"tokenizer_path {self.tokenizer_path} does not exist; point it at the LLM's local tokenizer "
+                "or set tokenizer_train_file to train the tiny one"
+            )
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.lora is not None:
+            model = story_llm.add_lora(model, self.lora)
+        self.llm = model
+
+    @property
+    def base_llm(self) -> nn.Module:
+        """The causal LM under any PEFT wrapper (its ``.model`` and ``.lm_head`` are the live ones)."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def ensure_built(self) -> None:
+        if self.llm is None:
+            self.configure_model()
+        if self.tokens is None:
+            raise RuntimeError("the tokenizer is missing; run prepare_data or set tokenizer_path")
+
+    # -- the teacher-forced pass ----------------------------------------------------------
+
+    def story_features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ViT features of every real frame, and a (B, T) map from frame to row of those features."""
+        mask = batch["frame_mask"]
+        features = self.vision_encoder(batch["vit_pixels"][mask])
+        index = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+        index[mask] = torch.arange(int(mask.sum()), device=mask.device)
+        return features, index
+
+    def forward_story(self, batch: dict[str, Any], features: torch.Tensor | None = None,
+                      feature_index: torch.Tensor | None = None) -> StoryOutputs:
+        self.ensure_built()
+        if features is None:
+            features, feature_index = self.story_features(batch)
+        seq = build_story_sequences(batch["captions"], self.tokenizer, self.tokens, self.supervise, self.max_length)
+        seq = _to_device(seq, self.device)
+        self.dropped_steps += seq.dropped_steps
+        base = self.base_llm
+        embeds = base.get_input_embeddings()(seq.input_ids)
+        width = embeds.shape[-1]
+        if len(seq.context_frames):
+            rows = feature_index[seq.context_frames[:, 0], seq.context_frames[:, 1]]
+            context = self.input_resampler(features[rows].to(embeds.dtype))
+            embeds = embeds.reshape(-1, width).index_copy(0, seq.context_slots.flatten(), context.reshape(-1, width).to(embeds.dtype))
+            embeds = embeds.view(seq.input_ids.shape[0], -1, width)
+        hidden = base.model(inputs_embeds=embeds, attention_mask=seq.attention_mask, position_ids=seq.position_ids,
+                            use_cache=False).last_hidden_state
+        logits = base.lm_head(hidden)
+        queries = hidden.reshape(-1, width)[seq.target_slots.flatten()].view(len(seq.target_frames), self.num_queries, width)
+        predicted = self.output_resampler(queries.float())
+        target_rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
+        prev_rows = feature_index[seq.target_frames[:, 0], (seq.target_frames[:, 1] - 1).clamp(min=0)]
+        return StoryOutputs(seq, logits, predicted, features[target_rows].float(), features[prev_rows].float())
+
+    def losses(self, out: StoryOutputs) -> dict[str, torch.Tensor]:
+        logits, labels = out.logits[:, :-1], out.sequence.labels[:, 1:]
+        supervised = labels != IGNORE_INDEX
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        cos = F.cosine_similarity(out.predicted_features, out.target_features, dim=-1).mean()
+        rec = 1 - cos if self.rec_loss == "cosine" else F.mse_loss(out.predicted_features, out.target_features)
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1)[supervised] == labels[supervised]).float().mean()
+        return {
+            "loss": self.lm_weight * ce + self.rec_weight * rec,
+            "lm_loss": ce,
+            "rec_loss": rec,
+            "token_acc": accuracy,
+            "feature_cos": cos.detach(),
+        }
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
+        if batch_size(batch) == 0:
+            return None
+        out = self.forward_story(batch)
+        terms = self.losses(out)
+        n = batch_size(batch)
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, batch_size=n, prog_bar=name in ("loss", "token_acc"),
+                     sync_dist=stage != "train", on_step=stage == "train", on_epoch=stage != "train")
+        if out.sequence.dropped_steps:
+            self.log(f"{stage}/dropped_steps", float(out.sequence.dropped_steps), batch_size=n, reduce_fx="sum")
+        return terms["loss"]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    # -- optimisation ------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        self.ensure_built()
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            save_mllm(self, self.export_dir)
+
+    # -- checkpoints: the frozen tower is rebuilt, never stored -------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["story_vocab_size"] = len(self.tokenizer) if self.tokenizer is not None else None
+
+
+def _to_device(seq: StorySequence, device: torch.device) -> StorySequence:
+    return dataclasses.replace(seq, **{
+        f.name: getattr(seq, f.name).to(device)
+        for f in dataclasses.fields(seq) if isinstance(getattr(seq, f.name), torch.Tensor)
+    })
+
+
+# A small Llama for the CPU default (about 1.3 M parameters at a 512-token vocabulary).
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def save_mllm(module: StoryMLLMModule, out_dir: str | Path) -> Path:
+    """Write everything stage 3 and generation need, in standard formats.
+
+    ``llm_adapter/`` (peft ``save_pretrained``, LoRA + the modules trained whole) or ``llm/``
+    (a full ``save_pretrained`` when trained without LoRA), ``tokenizer/``, the resamplers and the
+    story-token embedding rows as safetensors, and ``mllm.json`` to rebuild the module.
+    """
+    module.ensure_built()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if module.lora is not None:
+        module.llm.save_pretrained(str(out / "llm_adapter"))
+    else:
+        module.llm.save_pretrained(str(out / "llm"))
+    module.tokenizer.save_pretrained(str(out / "tokenizer"))
+    resamplers = {f"input_resampler.{k}": v for k, v in module.input_resampler.state_dict().items()}
+    resamplers.update({f"output_resampler.{k}": v for k, v in module.output_resampler.state_dict().items()})
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in resamplers.items()}, str(out / RESAMPLERS_FILE))
+    base = module.base_llm
+    new = slice(module.base_vocab_size, None)
+    save_file({
+        "input_embeddings": base.get_input_embeddings().weight[new].detach().float().cpu().contiguous(),
+        "output_embeddings": base.get_output_embeddings().weight[new].detach().float().cpu().contiguous(),
+    }, str(out / TOKEN_EMBEDDINGS_FILE))
+    hparams = {k: v for k, v in module.hparams.items() if k not in ("export_dir",)}
+    (out / EXPORT_FILE).write_text(json.dumps(_jsonable(hparams), indent=2))
+    return out
+
+
+def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> StoryMLLMModule:
+    """Rebuild a trained stage-2 MLLM from :func:`save_mllm`'s folder (frozen, eval mode)."""
+    root = Path(export_dir)
+    if not (root / EXPORT_FILE).is_file():
+        raise FileNotFoundError(f"{root / EXPORT_FILE} not found: point at a folder written by save_mllm (stage 2's export_dir)")
+    config = json.loads((root / EXPORT_FILE).read_text())
+    llm = LLMSpec(**config.pop("llm")) if config.get("llm") else None
+    if (root / "llm").is_dir():
+        llm = LLMSpec(path=str(root / "llm"))
+    module = StoryMLLMModule(
+        llm=llm,
+        tokenizer_path=str(root / "tokenizer"),
+        tokenizer_train_file=None,
+        vision_encoder=VisionEncoderConfig(**config.pop("vision_encoder")) if config.get("vision_encoder") else None,
+        input_resampler=PerceiverConfig(**config.pop("input_resampler")) if config.get("input_resampler") else None,
+        output_resampler=PerceiverConfig(**config.pop("output_resampler")) if config.get("output_resampler") else None,
+        lora=None,
+        **{k: v for k, v in config.items() if k in ("num_queries", "supervise", "lm_weight", "rec_weight", "rec_loss", "max_length")},
+    )
+    module.configure_model()
+    if (root / "llm_adapter").is_dir():
+        from peft import PeftModel
+
+        module.llm = PeftModel.from_pretrained(module.llm, str(root / "llm_adapter"))
+        module.lora = LoRASpec()
+    state = load_file(str(root / RESAMPLERS_FILE))
+    module.input_resampler.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("input_resampler.")})
+    module.output_resampler.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("output_resampler.")})
+    module.requires_grad_(False)
+    return module.to(device).eval()
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,134 @@
+"""Stage 2: the story-teller MLLM."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from datamodules.storystream import StoryStreamDataModule
+from lightning_modules.components.sequence import IGNORE_INDEX
+from lightning_modules.components.story_llm import LoRASpec
+from lightning_modules.components.tokenizer import make_tiny_tokenizer
+from lightning_modules.components.vision_encoder import VisionEncoderConfig
+from lightning_modules.story_mllm import StoryMLLMModule, TINY_LLAMA, load_mllm, save_mllm
+from lightning_modules.components.story_llm import LLMSpec
+from lightning_modules.components.perceiver import PerceiverConfig
+from tests.conftest import data_args
+from train import cli_main
+
+TINY_ENCODER = VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
+SMALL_LLAMA = dict(TINY_LLAMA, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
+SMALL_RESAMPLER = PerceiverConfig(dim=64, depth=1, heads=2, dim_head=32, ff_mult=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tiny_world, tmp_path_factory):
+    return make_tiny_tokenizer(tiny_world / "train.jsonl", tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=300)
+
+
+def _module(tokenizer_dir, **kw) -> StoryMLLMModule:
+    args = dict(llm=LLMSpec(config=SMALL_LLAMA), tokenizer_path=str(tokenizer_dir), vision_encoder=TINY_ENCODER,
+                num_queries=4, input_resampler=SMALL_RESAMPLER, output_resampler=SMALL_RESAMPLER, max_length=512)
+    args.update(kw)
+    module = StoryMLLMModule(**args)
+    module.configure_model()
+    return module
+
+
+def _batch(world, n=4, max_images=4, seed=0):
+    dm = StoryStreamDataModule(**data_args(world, batch_size=n, max_images=max_images, min_images=max_images, seed=seed, shuffle=False))
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def test_real_config_instantiates_on_meta():
+    cli = cli_main(["--config", "configs/seed_story/stage2_mllm.yaml", "--model.init_args.llm.meta_init=true", *CPU_TRAINER], run=False)
+    module = cli.model
+    module.configure_model()
+    base = module.base_llm
+    assert base.get_input_embeddings().weight.shape[0] == 32000 + 66
+    names = dict(module.llm.named_parameters())
+    original = sum(p.numel() for n, p in names.items() if "lora_" not in n and "modules_to_save" not in n)
+    original -= 66 * 4096 * 2  # the new token rows of embeddings and head
+    assert abs(original - 6.74e9) / 6.74e9 < 0.01
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_" in n or "modules_to_save" in n or "resampler" in n) for n in trainable)
+    for kind in ("lora_A", "embed_tokens", "lm_head", "input_layernorm", "model.norm", "input_resampler", "output_resampler"):
+        assert any(kind in n for n in trainable), kind
+    assert not any("q_proj.base_layer" in n for n in trainable)
+
+
+def test_vocabulary_grows_with_mean_initialised_story_tokens(tokenizer_dir):
+    module = _module(tokenizer_dir)
+    emb = module.base_llm.get_input_embeddings().weight
+    old = module.base_vocab_size
+    assert emb.shape[0] == len(module.tokenizer) == old + 4 + 2
+    assert torch.allclose(emb[old:], emb[:old].mean(0).expand(6, -1))
+
+
+@pytest.mark.slow
+def test_overfit_a_few_stories(tiny_world, tokenizer_dir):
+    torch.manual_seed(0)
+    module = _module(tokenizer_dir, supervise="all")
+    batch = _batch(tiny_world)
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=3e-3)
+    history = []
+    for _ in range(150):
+        terms = module.losses(module.forward_story(batch))
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        history.append({k: float(v) for k, v in terms.items()})
+    first, last = history[0], history[-1]
+    assert last["lm_loss"] < 0.2 * first["lm_loss"]
+    assert last["rec_loss"] < 0.5 * first["rec_loss"]
+    # teacher-forced next caption (last mode, the SEED-Story task) is exact for every story
+    module.supervise = "last"
+    with torch.no_grad():
+        out = module.forward_story(batch)
+    predicted, labels = out.logits[:, :-1].argmax(-1), out.sequence.labels[:, 1:]
+    for row in range(labels.shape[0]):
+        keep = labels[row] != IGNORE_INDEX
+        assert torch.equal(predicted[row][keep], labels[row][keep])
+
+
+def test_saved_lora_adapter_loads_with_peft_and_gives_the_same_logits(tiny_world, tokenizer_dir, tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    module = _module(tokenizer_dir, lora=LoRASpec(r=4, alpha=8, dropout=0.0))
+    batch = _batch(tiny_world, n=2)
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = module.losses(module.forward_story(batch))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    module.eval()
+    save_mllm(module, tmp_path / "export")
+    ids = torch.randint(0, len(module.tokenizer), (2, 12))
+    with torch.no_grad():
+        expected = module.llm(input_ids=ids).logits
+        fresh = _module(tokenizer_dir)  # same seeded base, vocabulary grown, no LoRA
+        peft_model = PeftModel.from_pretrained(fresh.llm, str(tmp_path / "export" / "llm_adapter")).eval()
+        assert torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-5)
+        reloaded = load_mllm(tmp_path / "export")
+        a, b = module.forward_story(batch), reloaded.forward_story(batch)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert torch.allclose(a.predicted_features, b.predicted_features, atol=1e-5)
+
+
+def test_fast_dev_run_through_train_py(tiny_world, tmp_path):
+    cli_main([
+        "fit", "--config", "configs/tiny/stage2_mllm.yaml", "--trainer.fast_dev_run=2",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.init_args.train_files={tiny_world / 'train.jsonl'}", f"--data.init_args.val_files={tiny_world / 'val.jsonl'}",
+        f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
+        "--data.init_args.vit_image_size=64", "--data.init_args.synthetic=null",
+        f"--model.init_args.tokenizer_path={tmp_path / 'tokenizer'}",
+        f"--model.init_args.tokenizer_train_file={tiny_world / 'train.jsonl'}",
+        f"--model.init_args.export_dir={tmp_path / 'export'}",
+    ])
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    assert (tmp_path / "export" / "mllm.json").is_file() and (tmp_path / "export" / "llm" / "config.json").is_file()
