@@ -104,6 +104,41 @@ def _layout(caption_ids: list[list[int]], first_frame: int, tokens: StoryTokens,
     return sample
 
 
+@dataclass
+class StoryPrompt:
+    """A story so far, every frame as context, ending with the next step's separator.
+
+    The LLM continues it with the next caption, then ``<img>`` (see the story generator).
+    """
+
+    input_ids: torch.Tensor  # (T,)
+    position_ids: torch.Tensor  # (T,)
+    context_slots: torch.Tensor  # (n_frames, Q) indices into the sequence
+    frames: list[int]  # which frame fills each row of context_slots
+
+
+def build_prompt(caption_ids: list[list[int]], tokens: StoryTokens, first_frame: int = 0) -> StoryPrompt:
+    """Frames ``first_frame..`` with their captions as context, then ``[INST]``."""
+    sample = _Sample()
+    q = len(tokens.slots)
+    for j, caption in enumerate(caption_ids):
+        for token in ([tokens.bos] if j == 0 else tokens.separator) + caption:
+            sample.add(token, label=False)
+        sample.add(tokens.img_start, label=False)
+        sample.context.append((first_frame + j, len(sample.ids)))
+        for slot in tokens.slots:
+            sample.add(slot, label=False)
+        sample.add(tokens.img_end, label=False)
+    for token in tokens.separator if caption_ids else [tokens.bos]:
+        sample.add(token, label=False)
+    return StoryPrompt(
+        input_ids=torch.tensor(sample.ids),
+        position_ids=torch.tensor(sample.positions),
+        context_slots=torch.stack([start + torch.arange(q) for _, start in sample.context]) if sample.context else torch.zeros((0, q), dtype=torch.long),
+        frames=[frame for frame, _ in sample.context],
+    )
+
+
 def build_story_sequences(
     captions: list[list[str]],
     tokenizer,

@@ -1,0 +1,26 @@
+"""Every YAML under configs/ parses through train.py (a typo fails here, not after hours)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train import cli_main
+
+CONFIGS = sorted(p for p in Path("configs").rglob("*.yaml") if p.parent.name in ("tiny", "seed_story"))
+
+
+def test_there_are_configs():
+    assert {p.parent.name for p in CONFIGS} == {"tiny", "seed_story"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=str)
+def test_print_config(path, capsys):
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# python train.py "), "every config starts with its command"
+    subcommand = first_line.split()[3]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([subcommand, "--print_config", "--config", str(path)])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] and printed["data"]["class_path"]
