@@ -1,0 +1,241 @@
+"""Long multimodal story generation: the stage-2 MLLM writes, the de-tokenizer draws.
+
+Each step: decode the caption after the step separator (greedy by default; or force a given
+caption in visualization mode), then ``<img>``, the Q generation slots and the regression of the
+frame's features from their hidden states; the de-tokenizer draws the image; the regressed
+features (or, optionally, a re-encoding of the drawn image) become the next context frame.
+
+Context policies (``ContextPolicy.mode``):
+
+- ``dense``: the whole story stays in the KV cache, reused across steps.
+- ``window``: what SEED-Story's released script does: each step re-encodes the last
+  ``window_frames`` frames from scratch (no cache reuse).
+- ``sink``: the multimodal attention sink of :mod:`~lightning_modules.components.attention_sink`,
+  cache reused across steps, evicted entries freed, positions kept contiguous.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from datamodules.images import CLIP_MEAN, CLIP_STD
+from lightning_modules.components import attention_sink as sink
+from lightning_modules.components.caption_decoding import DecodeSettings, pick_token
+
+
+@dataclass
+class ContextPolicy:
+    mode: Literal["dense", "window", "sink"] = "sink"
+    window_frames: int = 8  # window mode: how many recent frames are re-encoded each step
+    sink: sink.SinkSettings = field(default_factory=sink.SinkSettings)
+
+
+@dataclass
+class GenerationSettings:
+    steps: int = 25
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    num_inference_steps: int | None = None  # None: the de-tokenizer's default
+    guidance_scale: float | None = None
+    context: ContextPolicy = field(default_factory=ContextPolicy)
+    reencode_images: bool = False  # context = ViT features of the drawn image instead of the regressed ones
+    draw_images: bool = True  # False: text and features only (benchmarks of the LLM part)
+    seed: int = 0
+
+
+@dataclass
+class StoryStep:
+    caption: str
+    features: torch.Tensor  # (N, D) regressed (or given, for start frames)
+    image: torch.Tensor | None  # (3, H, W) in [-1, 1]; start frames keep their input image
+    given: bool  # a start frame, not generated
+    llm_seconds: float = 0.0
+    image_seconds: float = 0.0
+    kv_bytes: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Story:
+    steps: list[StoryStep]
+    settings: GenerationSettings
+
+    @property
+    def captions(self) -> list[str]:
+        return [s.caption for s in self.steps]
+
+    def summary(self) -> dict:
+        return {
+            "captions": self.captions,
+            "given": [s.given for s in self.steps],
+            "settings": asdict(self.settings),
+            "timings": [{"llm_seconds": s.llm_seconds, "image_seconds": s.image_seconds, "kv_bytes": s.kv_bytes,
+                         "cached_tokens": s.cached_tokens} for s in self.steps],
+        }
+
+
+class _LLMContext:
+    """A KV cache plus what each cached token is; positions are cache indices (kept contiguous)."""
+
+    def __init__(self, mllm):
+        self.mllm = mllm
+        self.base = mllm.base_llm
+        self.cache = DynamicCache()
+        self.log = sink.TokenLog()
+
+    def __len__(self) -> int:
+        return len(self.log)
+
+    def feed(self, embeds: torch.Tensor, role: int, frame: int = -1) -> torch.Tensor:
+        """Append ``(T, H)`` embeddings; return their last-layer hidden states ``(T, H)``."""
+        start = len(self.log)
+        positions = torch.arange(start, start + embeds.shape[0], device=embeds.device)[None]
+        out = self.base.model(inputs_embeds=embeds[None], position_ids=positions, past_key_values=self.cache, use_cache=True)
+        self.log.add(role, frame, embeds.shape[0])
+        return out.last_hidden_state[0]
+
+    def feed_ids(self, ids: list[int], role: int = sink.TEXT, frame: int = -1) -> torch.Tensor:
+        embeds = self.base.get_input_embeddings()(torch.tensor(ids, device=self.mllm.device))
+        return self.feed(embeds, role, frame)
+
+    def crop(self, length: int) -> None:
+        if length < len(self.log):
+            self.cache.crop(length - len(self.log))  # a negative count removes that many tokens
+        self.log.crop(length)
+
+    def evict_to(self, index: list[int]) -> None:
+        if len(index) == len(self.log):
+            return
+        sink.evict(self.cache, index, self.base.model.rotary_emb)
+        self.log.keep(index)
+
+
+class StoryGenerator:
+    """Generates stories with a frozen stage-2 MLLM and a de-tokenizer (see the module docstring)."""
+
+    def __init__(self, mllm, detokenizer, settings: GenerationSettings | None = None):
+        self.mllm = mllm
+        self.detokenizer = detokenizer
+        self.settings = settings or GenerationSettings()
+        scaling = getattr(mllm.base_llm.model.rotary_emb, "attention_scaling", 1.0)
+        if self.settings.context.mode == "sink" and scaling != 1.0:
+            raise ValueError("the attention sink re-rotates keys and supports only plain RoPE (attention_scaling 1)")
+
+    # -- public API -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        start_vit_pixels: torch.Tensor,
+        start_captions: list[str],
+        captions: list[str] | None = None,
+        start_images: torch.Tensor | None = None,
+        steps: int | None = None,
+    ) -> Story:
+        """Continue a story from ``k`` start frames (``(k, 3, S, S)`` ViT views) and their captions.
+
+        ``captions`` switches to visualization mode: those captions are given, only images are drawn.
+        """
+        if len(start_vit_pixels) != len(start_captions) or len(start_captions) == 0:
+            raise ValueError("give one caption per start frame, and at least one start frame")
+        n_steps = len(captions) if captions is not None else (steps or self.settings.steps)
+        mllm = self.mllm
+        mllm.ensure_built()
+        features = mllm.vision_encoder(start_vit_pixels.to(mllm.device)).float()
+        story = [StoryStep(c, f, start_images[i] if start_images is not None else None, True)
+                 for i, (c, f) in enumerate(zip(start_captions, features))]
+        generator = torch.Generator().manual_seed(self.settings.seed)
+        policy = self.settings.context
+        context = None
+        if policy.mode != "window":
+            context = _LLMContext(mllm)
+            for i, step in enumerate(story):
+                self._feed_frame(context, step.caption, step.features, i)
+        for t in range(n_steps):
+            frame = len(story)
+            t0 = time.perf_counter()
+            if policy.mode == "window":
+                context = _LLMContext(mllm)
+                recent = story[-policy.window_frames :]
+                for i, step in enumerate(recent):
+                    self._feed_frame(context, step.caption, step.features, frame - len(recent) + i)
+            given = captions[t] if captions is not None else None
+            caption, features = self._write_step(context, frame, given, generator)
+            llm_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            image = None
+            if self.settings.draw_images:
+                noise = torch.Generator().manual_seed(self.settings.seed * 100003 + frame)
+                image = self.detokenizer.decode(features[None].to(self.detokenizer.device), generator=noise,
+                                                num_inference_steps=self.settings.num_inference_steps,
+                                                guidance_scale=self.settings.guidance_scale)[0]
+            image_seconds = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            context_features = self._reencode(image) if self.settings.reencode_images and image is not None else features
+            self._close_image(context, context_features, frame)
+            if policy.mode == "sink":
+                context.evict_to(sink.sink_keep_indices(context.log, policy.sink))
+            llm_seconds += time.perf_counter() - t2
+            story.append(StoryStep(caption, features, image, False, llm_seconds, image_seconds,
+                                   sink.cache_bytes(context.cache), len(context)))
+        return Story(story, self.settings)
+
+    def branch(self, start_vit_pixels: torch.Tensor, opening_texts: list[str], **kwargs) -> list[Story]:
+        """One start image, several opening texts: one story each."""
+        return [self.generate(start_vit_pixels[:1], [text], **kwargs) for text in opening_texts]
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _feed_frame(self, context: _LLMContext, caption: str, features: torch.Tensor, frame: int) -> None:
+        """A complete context step: text, ``<img>``, Q context slots, ``</img>``."""
+        tokens = self.mllm.tokens
+        ids = self.mllm.tokenizer(caption, add_special_tokens=False)["input_ids"]
+        prefix = [tokens.bos] if len(context) == 0 else list(tokens.separator)
+        context.feed_ids(prefix + ids + [tokens.img_start])
+        context.log.roles[-1], context.log.frames[-1] = sink.IMG_START, frame
+        self._close_image(context, features, frame)
+
+    def _close_image(self, context: _LLMContext, features: torch.Tensor, frame: int) -> None:
+        slots = self.mllm.input_resampler(features[None].to(self.mllm.device, torch.float32))[0]
+        embeds_dtype = self.mllm.base_llm.get_input_embeddings().weight.dtype
+        context.feed(slots.to(embeds_dtype), sink.SLOT, frame)
+        context.feed_ids([self.mllm.tokens.img_end], sink.IMG_END, frame)
+
+    def _write_step(self, context: _LLMContext, frame: int, given: str | None, generator: torch.Generator) -> tuple[str, torch.Tensor]:
+        """Caption (decoded or forced), then ``<img>`` and the regressed features of the new frame."""
+        mllm, tokens = self.mllm, self.mllm.tokens
+        hidden = context.feed_ids(list(tokens.separator))
+        if given is not None:
+            ids = mllm.tokenizer(given, add_special_tokens=False)["input_ids"]
+            if ids:
+                context.feed_ids(ids)
+        else:
+            ids = []
+            head = mllm.base_llm.lm_head
+            for _ in range(self.settings.decode.max_new_tokens):
+                token = pick_token(head(hidden[-1]), self.settings.decode, generator)
+                if token in (tokens.img_start, tokens.eos):
+                    break
+                ids.append(token)
+                hidden = context.feed_ids([token])
+        context.feed_ids([tokens.img_start], sink.IMG_START, frame)
+        length = len(context)
+        queries = context.feed_ids(list(tokens.slots), sink.SLOT, frame)
+        features = mllm.output_resampler(queries[None].float())[0]
+        context.crop(length)  # the generation queries give way to the frame's context slots
+        caption = given if given is not None else mllm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return caption, features
+
+    def _reencode(self, image: torch.Tensor) -> torch.Tensor:
+        """ViT features of a drawn image (``[-1, 1]``), as the data pipeline's ViT view would give."""
+        encoder = self.mllm.vision_encoder
+        size = encoder.image_size
+        pixels = F.interpolate(((image[None] + 1) / 2).clamp(0, 1), size=(size, size), mode="bicubic", align_corners=False)
+        mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+        return encoder(((pixels - mean) / std).to(self.mllm.device))[0].float()
