@@ -1,0 +1,109 @@
+"""Image features -> SD-XL UNet conditioning, in place of SD-XL's two text encoders.
+
+SD-XL's UNet reads ``encoder_hidden_states`` (CLIP-L 768 and OpenCLIP-G 1280 token features
+concatenated to 2048), a pooled ``text_embeds`` (1280) and ``time_ids`` (size/crop conditioning).
+The adapter produces all three from a resampler over frozen ViT tokens, so the pretrained UNet sees
+inputs shaped like the ones it was trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
+
+
+@dataclass
+class SDXLAdapterConfig:
+    """Resampler shape plus the SD-XL-like heads. Real scale: proj_dims (768, 1280), pooled 1280."""
+
+    resampler: PerceiverConfig = field(default_factory=PerceiverConfig)
+    proj_dims: tuple[int, int] = (768, 1280)  # concatenated -> the UNet's cross_attention_dim
+    pooled_dim: int = 1280  # text_embeds width; pooled from the second projection
+    pool_heads: int = 8
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return sum(self.proj_dims)
+
+
+@dataclass
+class SDXLConditioning:
+    """What ``UNet2DConditionModel.forward`` takes besides the sample and the timestep."""
+
+    encoder_hidden_states: torch.Tensor  # (B, Q, sum(proj_dims))
+    text_embeds: torch.Tensor  # (B, pooled_dim)
+    time_ids: torch.Tensor  # (B, 6)
+
+    def unet_kwargs(self) -> dict:
+        return {
+            "encoder_hidden_states": self.encoder_hidden_states,
+            "added_cond_kwargs": {"text_embeds": self.text_embeds, "time_ids": self.time_ids},
+        }
+
+    @staticmethod
+    def cat(items: list[SDXLConditioning]) -> SDXLConditioning:
+        return SDXLConditioning(
+            torch.cat([c.encoder_hidden_states for c in items]),
+            torch.cat([c.text_embeds for c in items]),
+            torch.cat([c.time_ids for c in items]),
+        )
+
+
+class AttentionPool(nn.Module):
+    """One learned query attends over the tokens: a pooled vector like CLIP's text ``pooler_output``."""
+
+    def __init__(self, in_dim: int, out_dim: int, heads: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, in_dim) * in_dim**-0.5)
+        self.norm = nn.LayerNorm(in_dim)
+        self.attn = nn.MultiheadAttention(in_dim, heads, batch_first=True)
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.norm(tokens)
+        pooled, _ = self.attn(self.query.expand(x.shape[0], -1, -1), x, x, need_weights=False)
+        return self.proj(pooled[:, 0])
+
+
+def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor) -> torch.Tensor:
+    """(B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w), SD-XL's micro-conditioning."""
+    return torch.cat([original_size, crop_top_left, target_size], dim=-1).float()
+
+
+def condition_dropout(
+    features: torch.Tensor, null_features: torch.Tensor, p: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each sample's features by ``null_features`` with probability ``p``.
+
+    Training on the zero-image features as the "no condition" input is what makes the same
+    features usable as the unconditional branch of classifier-free guidance at sampling time.
+    Returns the features and the boolean drop mask (B,).
+    """
+    drop = torch.rand(features.shape[0], generator=generator, device=features.device) < p
+    if not drop.any():
+        return features, drop
+    null = null_features.to(features.dtype).expand_as(features)
+    return torch.where(drop[:, None, None], null, features), drop
+
+
+class SDXLAdapter(nn.Module):
+    """(B, N, D) ViT tokens + size info -> :class:`SDXLConditioning` for the SD-XL UNet."""
+
+    def __init__(self, config: SDXLAdapterConfig):
+        super().__init__()
+        self.config = config
+        out = config.resampler.output_dim
+        self.resampler = PerceiverResampler(config.resampler)
+        self.proj_a = nn.Linear(out, config.proj_dims[0])
+        self.proj_b = nn.Linear(out, config.proj_dims[1])
+        self.pool = AttentionPool(config.proj_dims[1], config.pooled_dim, config.pool_heads)
+
+    def forward(self, features: torch.Tensor, time_ids: torch.Tensor) -> SDXLConditioning:
+        tokens = self.resampler(features)
+        b = self.proj_b(tokens)
+        hidden = torch.cat([self.proj_a(tokens), b], dim=-1)
+        return SDXLConditioning(hidden, self.pool(b), time_ids.to(hidden.dtype))

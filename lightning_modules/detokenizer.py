@@ -1,0 +1,403 @@
+"""Stage 1: the de-tokenizer. Frozen ViT features of a frame -> SD-XL-style UNet that redraws it.
+
+Orchestration only: the vision encoder, adapter, UNet/codec builders, sampler and EMA live in
+:mod:`lightning_modules.components`; metrics in :mod:`callbacks.metrics.reconstruction`.
+
+Tiny default (CPU minutes): a seeded random CLIP tower (64 px, patch 8 -> 64 tokens x 128), a small
+perceiver adapter, a small SD-XL-shaped UNet (``addition_embed_type="text_time"``) diffusing 64x64
+*pixels* (no VAE, see :class:`~lightning_modules.components.diffusion.PixelCodec`).
+Real scale (``configs/seed_story/stage1_detokenizer.yaml``): SD-XL base UNet + VAE from a local
+folder, 256x4096 ViT features, the published adapter, resampler + to_k/to_v trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import EulerDiscreteScheduler
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from safetensors.torch import load_file, save_file
+
+from callbacks.metrics.reconstruction import reconstruction_metrics
+from datamodules.batch import batch_size
+from lightning_modules.components.diffusion import (
+    NoiseSpec,
+    ParameterEMA,
+    TrainUNet,
+    UNetSpec,
+    build_noise_scheduler,
+    build_unet,
+    diffusion_target,
+    load_codec,
+    merged_unet_copy,
+    sample_latents,
+    select_trainable,
+)
+from lightning_modules.components.perceiver import PerceiverConfig
+from lightning_modules.components.sdxl_adapter import (
+    SDXLAdapter,
+    SDXLAdapterConfig,
+    SDXLConditioning,
+    condition_dropout,
+    sdxl_time_ids,
+)
+from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILE = "detokenizer.json"
+ADAPTER_FILE = "adapter.safetensors"
+
+# A small SD-XL-shaped UNet for 64x64 pixels; cross_attention_dim and
+# projection_class_embeddings_input_dim are filled in from the adapter.
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 16,  # 64 px folded 4x4 by the pixel codec (pixel_patch=4)
+    "in_channels": 48,
+    "out_channels": 48,
+    "block_out_channels": [64, 128, 256],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "attention_head_dim": [4, 4, 8],
+    "transformer_layers_per_block": 1,
+    "norm_num_groups": 16,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 16,
+    "use_linear_projection": True,
+}
+
+
+class DetokenizerModule(L.LightningModule):
+    """ViT features -> image, trained with the ε- (or v-) prediction MSE of a DDPM schedule.
+
+    Args:
+        vision_encoder: the frozen tower (kept out of checkpoints and optimizers).
+        adapter: perceiver resampler + SD-XL heads (always trained).
+        unet: where the UNet comes from (local weights, architecture config, or ``meta_init``).
+        vae_path: local diffusers folder with a ``vae`` subfolder; ``None`` diffuses pixels.
+        pixel_patch: without a VAE, pixels are folded ``p x p`` into channels (lossless) so the
+            UNet runs at 1/p resolution; the UNet's in/out channels must be ``3 p^2``.
+        noise: the DDPM training schedule and prediction type.
+        train_unet: what of the UNet trains: ``none`` (adapter only), ``kv`` (+ every attention's
+            ``to_k``/``to_v``, SEED-Story's default), ``lora`` (+ PEFT LoRA) or ``full``.
+        cond_dropout: probability of replacing a sample's features by the zero-image features.
+        ema_decay: keep an EMA of the trainable weights (used for validation and export).
+        num_inference_steps / guidance_scale: sampling defaults (Euler, CFG).
+        val_images: how many validation frames (the first ones) are reconstructed and scored.
+        val_inference_steps / val_guidance_scale: cheaper sampling during validation (None: defaults).
+        lpips_backbone: local torchvision AlexNet weights for LPIPS (else the labelled random-net fallback).
+        sample_seed: seed of the validation sampling noise (same frames, same noise, every epoch).
+    """
+
+    def __init__(
+        self,
+        vision_encoder: VisionEncoderConfig | None = None,
+        adapter: SDXLAdapterConfig | None = None,
+        unet: UNetSpec | None = None,
+        vae_path: str | None = None,
+        pixel_patch: int = 4,
+        noise: NoiseSpec | None = None,
+        train_unet: TrainUNet = "kv",
+        lora_rank: int = 8,
+        cond_dropout: float = 0.1,
+        ema_decay: float | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        val_images: int = 8,
+        val_inference_steps: int | None = None,
+        val_guidance_scale: float | None = None,
+        lpips_backbone: str | None = None,
+        sample_seed: int = 0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.vision_config = vision_encoder or VisionEncoderConfig()
+        self.adapter_config = adapter or _default_adapter(self.vision_config)
+        self.unet_spec = unet or UNetSpec(config=TINY_UNET_CONFIG)
+        self.noise_spec = noise or NoiseSpec()
+        self.vae_path = vae_path
+        self.pixel_patch = pixel_patch
+        self.train_unet = train_unet
+        self.lora_rank = lora_rank
+        self.cond_dropout = cond_dropout
+        self.ema_decay = ema_decay
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.val_images = val_images
+        self.val_inference_steps = val_inference_steps or num_inference_steps
+        self.val_guidance_scale = val_guidance_scale if val_guidance_scale is not None else guidance_scale
+        self.sample_seed = sample_seed
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+        self.vision_encoder = FrozenVisionEncoder(self.vision_config)
+        self._check_adapter_input()
+        self.adapter = SDXLAdapter(self.adapter_config)
+        self.noise_scheduler = build_noise_scheduler(self.noise_spec)
+        self.unet: torch.nn.Module | None = None  # built in configure_model (large at real scale)
+        self.codec: torch.nn.Module | None = None
+        self.ema: ParameterEMA | None = None
+        self.val_metrics = reconstruction_metrics(lpips_backbone)
+        self.last_reconstructions: torch.Tensor | None = None  # (3, H, W) grid in [0, 1]: originals over reconstructions
+        self._val_seen = 0
+        self._ema_ctx = contextlib.ExitStack()
+
+    def _check_adapter_input(self) -> None:
+        want, have = self.adapter_config.resampler.input_dim, self.vision_config
+        if have.backend != "hf" and want != self.vision_encoder.dim:
+            raise ValueError(f"adapter.resampler.input_dim={want} but the vision encoder gives {self.vision_encoder.dim}-d tokens")
+
+    # -- building ------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Build the UNet (and codec) once; choose what trains."""
+        if self.unet is not None:
+            return
+        self.unet = build_unet(self.unet_spec, self.adapter_config.cross_attention_dim, self.adapter_config.pooled_dim)
+        trainable = select_trainable(self.unet, self.train_unet, lora_rank=self.lora_rank)
+        log.info("UNet: %d trainable tensors (train_unet=%s)", len(trainable), self.train_unet)
+        if not self.unet_spec.meta_init:
+            self.codec = load_codec(self.vae_path, pixel_patch=self.pixel_patch)
+            if self.ema_decay is not None:
+                self.ema = ParameterEMA(self.trainable_parameters(), self.ema_decay)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # -- training ------------------------------------------------------------------------
+
+    def conditioning(self, features: torch.Tensor, time_ids: torch.Tensor) -> SDXLConditioning:
+        return self.adapter(features.to(self.dtype), time_ids)
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
+        n = batch_size(batch)
+        if n == 0:
+            return None
+        features = self.vision_encoder(batch["vit_pixels"])
+        generator = None
+        if stage == "train" and self.cond_dropout > 0:
+            features, dropped = condition_dropout(features, self.vision_encoder.null_features(), self.cond_dropout)
+            self.log("train/cond_dropped", dropped.float().mean(), batch_size=n)
+        elif stage != "train":  # the same noise and timesteps every validation: comparable losses
+            generator = torch.Generator().manual_seed(self.sample_seed + int(batch["frame_index"].sum()))
+        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+        cond = self.conditioning(features, time_ids)
+        latents = self.codec.encode(batch["pixels"].to(self.dtype)).float()
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        pred = self.unet(noisy.to(self.dtype), t, **cond.unet_kwargs()).sample
+        loss = F.mse_loss(pred.float(), diffusion_target(self.noise_scheduler, latents, noise, t))
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        return self._shared_step(batch, "train")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update()
+
+    # -- validation ----------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_seen = 0
+        self._val_grid: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.ema is not None:
+            self._ema_ctx.enter_context(self.ema.swapped())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        loss = self._shared_step(batch, "val")
+        if loss is None or self._val_seen >= self.val_images or self.trainer.sanity_checking:
+            return loss
+        take = min(self.val_images - self._val_seen, batch_size(batch))
+        generator = torch.Generator().manual_seed(self.sample_seed + self._val_seen)
+        images = self.reconstruct(
+            batch["vit_pixels"][:take],
+            batch["original_size"][:take],
+            batch["crop_top_left"][:take],
+            batch["target_size"][:take],
+            num_inference_steps=self.val_inference_steps,
+            guidance_scale=self.val_guidance_scale,
+            generator=generator,
+        )
+        target = batch["pixels"][:take]
+        self.val_metrics.update(images.float(), target.float())
+        self._val_grid.append((target.detach().cpu(), images.detach().float().cpu()))
+        self._val_seen += take
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self._ema_ctx.close()
+        if self._val_seen == 0:
+            return
+        scores = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=True)
+        self.last_reconstructions = _grid(self._val_grid)
+
+    # -- sampling ------------------------------------------------------------------------
+
+    def sampler(self) -> EulerDiscreteScheduler:
+        """A fresh Euler scheduler on the training schedule (schedulers are stateful)."""
+        return EulerDiscreteScheduler.from_config(self.noise_scheduler.config)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        features: torch.Tensor,
+        original_size: torch.Tensor | None = None,
+        crop_top_left: torch.Tensor | None = None,
+        target_size: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(B, N, D) ViT-space features (real or regressed) -> images (B, 3, H, W) in [-1, 1].
+
+        Sizes default to the UNet's native resolution, uncropped. The unconditional CFG branch is
+        the zero-image features, as in training's conditioning dropout.
+        """
+        n = features.shape[0]
+        native = self.unet.config.sample_size * self.codec.downscale
+        default = torch.tensor([[native, native]], device=features.device).expand(n, 2)
+        target_size = default if target_size is None else target_size
+        original_size = target_size if original_size is None else original_size
+        crop_top_left = torch.zeros_like(target_size) if crop_top_left is None else crop_top_left
+        time_ids = sdxl_time_ids(original_size, crop_top_left, target_size).to(features.device)
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        cond = self.conditioning(features, time_ids)
+        uncond = self.conditioning(self.vision_encoder.null_features(n), time_ids) if guidance > 1.0 else None
+        h, w = (int(s) // self.codec.downscale for s in target_size[0])
+        latents = sample_latents(
+            self.unet,
+            cond,
+            uncond,
+            self.sampler(),
+            (n, self.codec.channels, h, w),
+            num_inference_steps or self.num_inference_steps,
+            guidance,
+            generator,
+        )
+        return self.codec.decode(latents.to(self.dtype)).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        vit_pixels: torch.Tensor,
+        original_size: torch.Tensor | None = None,
+        crop_top_left: torch.Tensor | None = None,
+        target_size: torch.Tensor | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Encode frames with the frozen ViT and decode them again (the stage-1 task)."""
+        return self.decode(self.vision_encoder(vit_pixels), original_size, crop_top_left, target_size, **sampling)
+
+    # -- checkpoints and export ----------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["detokenizer_ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "detokenizer_ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["detokenizer_ema"])
+
+    def export_config(self) -> dict[str, Any]:
+        """Everything except weights needed to rebuild this de-tokenizer."""
+        return {
+            "format": 1,
+            "vision_encoder": dataclasses.asdict(self.vision_config),
+            "adapter": dataclasses.asdict(self.adapter_config),
+            "noise": dataclasses.asdict(self.noise_spec),
+            "noise_scheduler": dict(self.noise_scheduler.config),
+            "vae_path": self.vae_path,
+            "pixel_patch": self.pixel_patch,
+            "sampling": {"scheduler": "EulerDiscreteScheduler", "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale},
+        }
+
+    def save_detokenizer(self, directory: str | Path) -> Path:
+        """Write ``unet/`` (diffusers format, LoRA fused), ``adapter.safetensors`` and ``detokenizer.json``.
+
+        With EMA, the averaged weights are exported.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+            merged_unet_copy(self.unet).save_pretrained(directory / "unet")
+            state = {k: v.detach().contiguous().cpu() for k, v in self.adapter.state_dict().items()}
+            save_file(state, str(directory / ADAPTER_FILE))
+        (directory / EXPORT_FILE).write_text(json.dumps(self.export_config(), indent=2, default=str))
+        log.info("exported the de-tokenizer to %s", directory)
+        return directory
+
+    @classmethod
+    def load_detokenizer(cls, directory: str | Path, **overrides: Any) -> DetokenizerModule:
+        """Rebuild a de-tokenizer saved by :meth:`save_detokenizer` (frozen UNet; override e.g. ``train_unet``)."""
+        directory = Path(directory)
+        spec = json.loads((directory / EXPORT_FILE).read_text())
+        kwargs: dict[str, Any] = dict(
+            vision_encoder=VisionEncoderConfig(**spec["vision_encoder"]),
+            adapter=adapter_config_from_dict(spec["adapter"]),
+            unet=UNetSpec(path=str(directory), subfolder="unet"),
+            vae_path=spec["vae_path"],
+            pixel_patch=spec["pixel_patch"],
+            noise=NoiseSpec(**spec["noise"]),
+            train_unet="none",
+            num_inference_steps=spec["sampling"]["num_inference_steps"],
+            guidance_scale=spec["sampling"]["guidance_scale"],
+        )
+        kwargs.update(overrides)
+        module = cls(**kwargs)
+        module.configure_model()
+        module.adapter.load_state_dict(load_file(str(directory / ADAPTER_FILE)))
+        return module
+
+
+def load_detokenizer(directory: str | Path, **overrides: Any) -> DetokenizerModule:
+    """Functional alias of :meth:`DetokenizerModule.load_detokenizer` (stage 3 starts from it)."""
+    return DetokenizerModule.load_detokenizer(directory, **overrides)
+
+
+def adapter_config_from_dict(data: dict[str, Any]) -> SDXLAdapterConfig:
+    data = dict(data)
+    data["resampler"] = PerceiverConfig(**data["resampler"])
+    data["proj_dims"] = tuple(data["proj_dims"])
+    return SDXLAdapterConfig(**data)
+
+
+def _default_adapter(vision: VisionEncoderConfig) -> SDXLAdapterConfig:
+    """A small adapter matched to the tiny encoder and :data:`TINY_UNET_CONFIG`."""
+    dim = FrozenVisionEncoder(vision).dim if vision.backend != "hf" else vision.output_dim or 128
+    return SDXLAdapterConfig(
+        resampler=PerceiverConfig(input_dim=dim, dim=128, depth=2, heads=4, dim_head=32, num_queries=32, output_dim=128),
+        proj_dims=(32, 96),
+        pooled_dim=96,
+        pool_heads=4,
+    )
+
+
+def _grid(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Originals on the top row, reconstructions below, in [0, 1]."""
+    from torchvision.utils import make_grid
+
+    target = torch.cat([p[0] for p in pairs])
+    recon = torch.cat([p[1] for p in pairs])
+    images = torch.cat([target, recon]).float().add(1).div(2).clamp(0, 1)
+    return make_grid(images, nrow=target.shape[0], padding=1)
