@@ -1,0 +1,205 @@
+"""Stage 3: adapt the de-tokenizer to the features the stage-2 MLLM regresses; generate stories.
+
+Training: for each story chunk, the frozen MLLM runs teacher-forced on the true previous frames
+and captions (``supervise="all"`` regresses every frame after the first in one pass); the
+de-tokenizer (adapter, plus UNet ``to_k``/``to_v`` or LoRA per ``train_unet``) learns to denoise the
+*true* frames from those regressed features. Regressed features can be cached, since the MLLM
+is frozen.
+
+``predict_step`` generates a story per sample (start frames from the batch) with the
+:class:`~lightning_modules.components.story_generator.StoryGenerator` and writes each into
+``output_dir``: frames as PNG, ``story.json`` and ``storyboard.html``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.image import PeakSignalNoiseRatio
+
+from datamodules.batch import batch_size
+from lightning_modules.components.diffusion import TrainUNet
+from lightning_modules.components.sequence import Supervise
+from lightning_modules.components.story_generator import GenerationSettings, Story, StoryGenerator
+from lightning_modules.components.storyboard import write_story
+from lightning_modules.detokenizer import DetokenizerModule, load_detokenizer
+from lightning_modules.story_mllm import StoryMLLMModule, load_mllm
+
+log = logging.getLogger(__name__)
+
+
+class DetokenizerAdaptationModule(L.LightningModule):
+    """Stage-1 de-tokenizer + frozen stage-2 MLLM; trains the former on the latter's features.
+
+    Args:
+        detokenizer_dir: a ``save_detokenizer`` folder (stage 1's export, or stage 3's to generate).
+        mllm_dir: a ``save_mllm`` folder (stage 2's export).
+        train_unet: what of the UNet trains besides the adapter (``kv`` is SEED-Story's choice).
+        cond_dropout: share of samples trained on the zero-image features (keeps CFG working).
+        cache_features: keep regressed features per (story, frames) chunk in memory.
+        supervise: ``all`` regresses every frame after the first of a chunk; ``last`` only the last.
+        val_images: validation decodes this many frames from regressed features and logs PSNR.
+        generation: story generation settings for ``predict_step`` (and the callbacks).
+        start_frames: how many frames of each predict sample start the story.
+        output_dir: where ``predict_step`` writes the stories.
+        export_dir: where the adapted de-tokenizer is saved at the end of ``fit``.
+    """
+
+    def __init__(
+        self,
+        detokenizer_dir: str,
+        mllm_dir: str,
+        train_unet: TrainUNet = "kv",
+        lora_rank: int = 8,
+        cond_dropout: float = 0.1,
+        cache_features: bool = False,
+        supervise: Supervise = "all",
+        val_images: int = 8,
+        generation: GenerationSettings | None = None,
+        start_frames: int = 1,
+        output_dir: str = "runs/stories",
+        export_dir: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        for name, path in (("detokenizer_dir", detokenizer_dir), ("mllm_dir", mllm_dir)):
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"{name}: {path} is not a folder; run the earlier stage first or fix the path")
+        self.detokenizer_dir, self.mllm_dir = detokenizer_dir, mllm_dir
+        self.train_unet, self.lora_rank = train_unet, lora_rank
+        self.cond_dropout = cond_dropout
+        self.cache_features = cache_features
+        self.supervise = supervise
+        self.val_images = val_images
+        self.generation = generation or GenerationSettings()
+        self.start_frames = start_frames
+        self.output_dir = output_dir
+        self.export_dir = export_dir
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.detokenizer: DetokenizerModule | None = None
+        self._feature_cache: dict[tuple, torch.Tensor] = {}
+        self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
+        self._val_seen = 0
+        self.stories_written: list[Path] = []
+
+    # The frozen MLLM is rebuilt from mllm_dir and kept out of the module tree: never in the
+    # optimizer, never in checkpoints (7 B parameters at real scale), still moved by .to().
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "mllm":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _apply(self, fn: Callable, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if getattr(self, "mllm", None) is not None:
+            self.mllm._apply(fn, recurse)
+        return self
+
+    def configure_model(self) -> None:
+        if self.detokenizer is not None:
+            return
+        self.detokenizer = load_detokenizer(self.detokenizer_dir, train_unet=self.train_unet, lora_rank=self.lora_rank,
+                                            cond_dropout=self.cond_dropout)
+        mllm: StoryMLLMModule = load_mllm(self.mllm_dir)
+        mllm.supervise = self.supervise
+        self.mllm = mllm.to(self.device)
+
+    # -- training -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def regressed_features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features the frozen MLLM regresses for the chunk's target frames, and their (row, frame)."""
+        key = (tuple(batch["story_id"]), tuple(map(tuple, batch["frame_index"].tolist())))
+        if self.cache_features and key in self._feature_cache:
+            return self._feature_cache[key]
+        self.mllm.eval()
+        out = self.mllm.forward_story(batch)
+        result = (out.predicted_features.detach(), out.sequence.target_frames.to(self.device))
+        if self.cache_features:
+            self._feature_cache[key] = result
+        return result
+
+    def _frames(self, batch: dict[str, Any], frames: torch.Tensor, key: str) -> torch.Tensor:
+        return batch[key][frames[:, 0], frames[:, 1]]
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
+        if batch_size(batch) == 0:
+            return None
+        features, frames = self.regressed_features(batch)
+        loss = self.detokenizer.denoising_loss(
+            features,
+            self._frames(batch, frames, "pixels"),
+            self._frames(batch, frames, "original_size"),
+            self._frames(batch, frames, "crop_top_left"),
+            self._frames(batch, frames, "target_size"),
+            train=stage == "train",
+        )
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(frames), sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        return self._shared_step(batch, "train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_seen = 0
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = self._shared_step(batch, "val")
+        if loss is None or self._val_seen >= self.val_images:
+            return
+        features, frames = self.regressed_features(batch)
+        take = min(self.val_images - self._val_seen, len(frames))
+        generator = torch.Generator().manual_seed(self._val_seen)
+        images = self.detokenizer.decode(features[:take], generator=generator,
+                                         num_inference_steps=self.generation.num_inference_steps,
+                                         guidance_scale=self.generation.guidance_scale)
+        self.val_psnr.update(images.float(), self._frames(batch, frames, "pixels")[:take].float())
+        self._val_seen += take
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_seen:
+            self.log("val/psnr_regressed", self.val_psnr.compute(), sync_dist=True)
+            self.val_psnr.reset()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.detokenizer.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.detokenizer.save_detokenizer(self.export_dir)
+
+    # -- generation ------------------------------------------------------------------------
+
+    def story_generator(self, settings: GenerationSettings | None = None) -> StoryGenerator:
+        self.configure_model()
+        return StoryGenerator(self.mllm, self.detokenizer.eval(), settings or self.generation)
+
+    def generate_story(self, vit_pixels: torch.Tensor, captions: list[str], images: torch.Tensor | None = None,
+                       given_captions: list[str] | None = None, settings: GenerationSettings | None = None) -> Story:
+        """The callbacks' and notebook's entry: continue (or visualize, with ``given_captions``) a story."""
+        return self.story_generator(settings).generate(vit_pixels, captions, captions=given_captions, start_images=images)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        results = []
+        for row in range(batch_size(batch)):
+            k = min(self.start_frames, int(batch["num_frames"][row]))
+            story = self.generate_story(batch["vit_pixels"][row, :k], batch["captions"][row][:k], batch["pixels"][row, :k])
+            folder = Path(self.output_dir) / f"story_{batch['story_id'][row]}"
+            info = {"story_id": batch["story_id"][row], **story.summary(),
+                    "detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}
+            write_story(folder, f"story {batch['story_id'][row]}", story.captions,
+                        [s.image for s in story.steps], [s.given for s in story.steps], info)
+            self.stories_written.append(folder)
+            results.append({"story_id": batch["story_id"][row], "folder": str(folder), "captions": story.captions})
+        return results
