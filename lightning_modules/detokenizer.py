@@ -189,23 +189,48 @@ class DetokenizerModule(L.LightningModule):
         n = batch_size(batch)
         if n == 0:
             return None
-        features = self.vision_encoder(batch["vit_pixels"])
         generator = None
-        if stage == "train" and self.cond_dropout > 0:
-            features, dropped = condition_dropout(features, self.vision_encoder.null_features(), self.cond_dropout)
-            self.log("train/cond_dropped", dropped.float().mean(), batch_size=n)
-        elif stage != "train":  # the same noise and timesteps every validation: comparable losses
+        if stage != "train":  # the same noise and timesteps every validation: comparable losses
             generator = torch.Generator().manual_seed(self.sample_seed + int(batch["frame_index"].sum()))
-        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+        loss = self.denoising_loss(
+            self.vision_encoder(batch["vit_pixels"]),
+            batch["pixels"],
+            batch["original_size"],
+            batch["crop_top_left"],
+            batch["target_size"],
+            train=stage == "train",
+            generator=generator,
+        )
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=stage != "train")
+        return loss
+
+    def denoising_loss(
+        self,
+        features: torch.Tensor,
+        pixels: torch.Tensor,
+        original_size: torch.Tensor,
+        crop_top_left: torch.Tensor,
+        target_size: torch.Tensor,
+        train: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The diffusion loss of drawing ``pixels`` from ``features`` (real ViT or MLLM-regressed).
+
+        In training, a ``cond_dropout`` share of the samples get the zero-image features instead.
+        """
+        n = features.shape[0]
+        if train and self.cond_dropout > 0:
+            features, dropped = condition_dropout(features, self.vision_encoder.null_features(), self.cond_dropout)
+            if self._trainer is not None:  # not when stage 3 drives this module
+                self.log("train/cond_dropped", dropped.float().mean(), batch_size=n)
+        time_ids = sdxl_time_ids(original_size, crop_top_left, target_size)
         cond = self.conditioning(features, time_ids)
-        latents = self.codec.encode(batch["pixels"].to(self.dtype)).float()
+        latents = self.codec.encode(pixels.to(self.dtype)).float()
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = self.unet(noisy.to(self.dtype), t, **cond.unet_kwargs()).sample
-        loss = F.mse_loss(pred.float(), diffusion_target(self.noise_scheduler, latents, noise, t))
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=stage != "train")
-        return loss
+        return F.mse_loss(pred.float(), diffusion_target(self.noise_scheduler, latents, noise, t))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         return self._shared_step(batch, "train")

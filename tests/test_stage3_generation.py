@@ -1,0 +1,122 @@
+"""Stage 3 (de-tokenizer adaptation) and story generation, with small exports made here."""
+
+import json
+
+import pytest
+import torch
+
+from datamodules.storystream import StoryStreamDataModule
+from lightning_modules.detokenizer import DetokenizerModule
+from lightning_modules.detokenizer_adaptation import DetokenizerAdaptationModule
+from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings
+from lightning_modules.story_mllm import save_mllm
+from tests.conftest import data_args
+from tests.test_story_mllm import TINY_ENCODER, _module, tokenizer_dir  # noqa: F401  (fixture)
+from train import cli_main
+
+FAST = GenerationSettings(steps=3, num_inference_steps=2, guidance_scale=1.0, context=ContextPolicy(mode="sink"))
+
+
+@pytest.fixture(scope="module")
+def exports(tokenizer_dir, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("exports")
+    torch.manual_seed(0)
+    detok = DetokenizerModule(vision_encoder=TINY_ENCODER, train_unet="full", num_inference_steps=2, guidance_scale=1.0)
+    detok.configure_model()
+    detok.save_detokenizer(root / "stage1")
+    save_mllm(_module(tokenizer_dir), root / "stage2")
+    return root
+
+
+def _stories_batch(world, n=2, frames=4):
+    dm = StoryStreamDataModule(**data_args(world, batch_size=n, max_images=frames, min_images=frames, image_size=64, shuffle=False))
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def _stage3(exports, **kw):
+    module = DetokenizerAdaptationModule(str(exports / "stage1"), str(exports / "stage2"), generation=FAST, **kw)
+    module.configure_model()
+    return module
+
+
+def test_missing_exports_fail_naming_the_path(exports, tmp_path):
+    with pytest.raises(FileNotFoundError, match="mllm_dir"):
+        DetokenizerAdaptationModule(str(exports / "stage1"), str(tmp_path / "nothing"))
+
+
+def test_only_the_detokenizer_trains_and_checkpoints_hold_no_mllm(exports):
+    module = _stage3(exports, train_unet="kv")
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("detokenizer.") for n in trainable)
+    unet = [n for n in trainable if ".unet." in n]
+    assert any("to_k" in n for n in unet) and not any("to_q" in n or "ff." in n for n in unet)
+    assert not any(k.startswith("mllm") for k in module.state_dict())
+    assert all(not p.requires_grad for p in module.mllm.parameters())
+
+
+def test_generation_steps_seeds_and_branches(tiny_world, exports):
+    module = _stage3(exports).eval()
+    batch = _stories_batch(tiny_world, n=1, frames=2)
+    start, caption = batch["vit_pixels"][0, :1], batch["captions"][0][:1]
+    story = module.generate_story(start, caption)
+    generated = story.steps[1:]
+    assert len(generated) == 3 and all(s.image.shape == (3, 64, 64) for s in generated)
+    assert all(isinstance(s.caption, str) for s in generated)
+    again = module.generate_story(start, caption)
+    assert again.captions == story.captions
+    assert all(torch.equal(a.image, b.image) for a, b in zip(story.steps[1:], again.steps[1:]))
+    a, b = module.story_generator().branch(start, ["Bolt waves hello.", "Pip jumps high. Zed watches."])
+    assert not torch.allclose(a.steps[1].features, b.steps[1].features)
+    # visualization mode: captions are given, images drawn
+    vis = module.generate_story(start, caption, given_captions=["Bolt jumps high.", "Bolt sits down to rest."])
+    assert vis.captions[1:] == ["Bolt jumps high.", "Bolt sits down to rest."]
+
+
+@pytest.mark.slow
+def test_adaptation_loss_falls_and_beats_stage1_on_regressed_features(tiny_world, exports):
+    torch.manual_seed(0)
+    module = _stage3(exports, train_unet="full", cond_dropout=0.0)
+    batch = _stories_batch(tiny_world, n=2, frames=3)
+    features, frames = module.regressed_features(batch)
+    truth = batch["pixels"][frames[:, 0], frames[:, 1]]
+
+    def psnr():
+        with torch.no_grad():
+            images = module.detokenizer.decode(features, generator=torch.Generator().manual_seed(0), num_inference_steps=8)
+        return float(10 * torch.log10(4.0 / ((images - truth) ** 2).mean()))
+
+    before = psnr()
+    optimizer = torch.optim.AdamW(module.detokenizer.trainable_parameters(), lr=1e-3)
+    losses = []
+    for step in range(120):
+        loss = module.detokenizer.denoising_loss(features, truth, batch["original_size"][frames[:, 0], frames[:, 1]],
+                                                 batch["crop_top_left"][frames[:, 0], frames[:, 1]],
+                                                 batch["target_size"][frames[:, 0], frames[:, 1]],
+                                                 generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])
+    assert psnr() > before + 3
+
+
+def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
+    cli_main([
+        "predict", "--config", "configs/tiny/generate.yaml",
+        f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
+        f"--model.init_args.output_dir={tmp_path / 'stories'}", "--model.init_args.generation.steps=2",
+        "--model.init_args.generation.num_inference_steps=2",
+        f"--data.init_args.predict_files={tiny_world / 'val.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
+        f"--data.init_args.test_files={tiny_world / 'test.jsonl'}",
+        "--data.init_args.vit_image_size=32", "--data.init_args.synthetic=null", f"--trainer.default_root_dir={tmp_path}",
+    ])
+    folders = sorted((tmp_path / "stories").iterdir())
+    assert len(folders) == 2  # the two val stories
+    for folder in folders:
+        record = json.loads((folder / "story.json").read_text())
+        assert len(record["captions"]) == 3 and record["given"] == [True, False, False]
+        assert all((folder / f).is_file() for f in record["frames"])
+        html = (folder / "storyboard.html").read_text()
+        assert html.count("data:image/png;base64,") == 3 and "timings" in record
