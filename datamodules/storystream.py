@@ -95,7 +95,25 @@ class StoryStreamDataset(Dataset):
         except UnreadableImage as err:
             return err.kind
 
-    def _load(self, ref: str, rng: np.random.Generator) -> dict[str, Any]:
+    def load_frames(self, index: int, frames: Sequence[int]) -> dict[str, Any]:
+        """Chosen frames of story ``index`` in the stories-mode sample layout (for callbacks, notebooks).
+
+        Raises :class:`~datamodules.images.UnreadableImage` if a frame cannot be decoded.
+        """
+        story = self.stories[index]
+        frames = [f for f in frames if 0 <= f < len(story)]
+        views = [self._load(story.images[f], None) for f in frames]
+        return {
+            "vit_pixels": torch.stack([v["vit_pixels"] for v in views]),
+            "pixels": torch.stack([v["pixels"] for v in views]),
+            "captions": [story.captions[f] for f in frames],
+            "characters": [story.characters[f] for f in frames] if story.characters else None,
+            "background": story.background,
+            "story_id": story.story_id,
+            "frame_index": list(frames),
+        }
+
+    def _load(self, ref: str, rng: np.random.Generator | None) -> dict[str, Any]:
         return self.views(decode_rgb(self.store.read(ref), ref), rng)
 
     def _frame(self, index: int, rng: np.random.Generator) -> dict[str, Any]:

@@ -1,0 +1,24 @@
+"""The memory planner on the real configs: no weights, right parameter counts, a report."""
+
+import pytest
+
+from lightning_modules import plan_memory
+
+
+@pytest.mark.slow
+def test_planner_counts_the_real_models_and_reports(capsys):
+    plan_memory.main(["--all", "--gpus", "8", "--gpu-mem", "24", "80"])
+    out = capsys.readouterr().out
+    assert "UNet 2.567 B" in out or "UNet 2.568 B" in out
+    assert "LLM 6.738 B" in out
+    table = [line for line in out.splitlines() if line.startswith(("| stage1 ", "| stage2 ", "| stage3 "))]
+    assert len(table) == 6  # three stages, with and without activation checkpointing
+
+
+def test_plan_arithmetic():
+    part = plan_memory.Part("x", params=8_000, trainable=2_000, largest_unit=100, activation_bytes=10, checkpointed_activation_bytes=1)
+    per_gpu = plan_memory.Plan("s", [part], gpus=2).per_gpu(checkpointing=False)
+    gb = plan_memory.GB
+    assert per_gpu["params"] * gb == (2_000 * 4 + 6_000 * 2) / 2
+    assert per_gpu["grads"] * gb == 2_000 * 4 / 2 and per_gpu["optimizer"] * gb == 2_000 * 8 / 2
+    assert per_gpu["working"] * gb == 2 * 100 * 2 and per_gpu["activations"] * gb == 10
