@@ -46,8 +46,12 @@ class DetokenizerAdaptationModule(L.LightningModule):
         val_images: validation decodes this many frames from regressed features and logs PSNR.
         generation: story generation settings for ``predict_step`` (and the callbacks).
         start_frames: how many frames of each predict sample start the story.
-        output_dir: where ``predict_step`` writes the stories.
+        output_dir: where ``predict_step`` writes the stories (and ``test`` its ``metrics.json``).
         export_dir: where the adapted de-tokenizer is saved at the end of ``fit``.
+        evaluator_dir: the story evaluator used by ``test`` (a ``save_evaluator`` folder).
+        inception_weights_path: local Inception weights for FID at real scale (else evaluator features).
+        test_steps: ``test`` draws this many frames after each test story's first frame, from the
+            true captions, and scores them against the true frames.
     """
 
     def __init__(
@@ -64,6 +68,9 @@ class DetokenizerAdaptationModule(L.LightningModule):
         start_frames: int = 1,
         output_dir: str = "runs/stories",
         export_dir: str | None = None,
+        evaluator_dir: str | None = None,
+        inception_weights_path: str | None = None,
+        test_steps: int = 9,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ):
@@ -82,6 +89,10 @@ class DetokenizerAdaptationModule(L.LightningModule):
         self.start_frames = start_frames
         self.output_dir = output_dir
         self.export_dir = export_dir
+        self.evaluator_dir = evaluator_dir
+        self.inception_weights_path = inception_weights_path
+        self.test_steps = test_steps
+        self.story_metrics = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.detokenizer: DetokenizerModule | None = None
         self._feature_cache: dict[tuple, torch.Tensor] = {}
@@ -203,3 +214,36 @@ class DetokenizerAdaptationModule(L.LightningModule):
             self.stories_written.append(folder)
             results.append({"story_id": batch["story_id"][row], "folder": str(folder), "captions": story.captions})
         return results
+
+    # -- standalone evaluation -------------------------------------------------------------
+
+    def on_test_start(self) -> None:
+        from callbacks.metrics.story_metrics import StoryMetrics
+
+        if not self.evaluator_dir or not Path(self.evaluator_dir).is_dir():
+            raise FileNotFoundError(f"evaluator_dir: {self.evaluator_dir} is not a folder; train the evaluator "
+                                    "(configs/tiny/evaluator.yaml) or point evaluator_dir at one")
+        self.story_metrics = StoryMetrics.from_folder(self.evaluator_dir, self.inception_weights_path).to(self.device)
+        dataset = self.trainer.datamodule.datasets["test"]
+        self._test_index = {story.story_id: i for i, story in enumerate(dataset.stories)}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        from callbacks.story_evaluation import score_story
+
+        dataset = self.trainer.datamodule.datasets["test"]
+        for row in range(batch_size(batch)):
+            start = int(batch["frame_index"][row, 0])
+            frames = dataset.load_frames(self._test_index[batch["story_id"][row]], range(start, start + 1 + self.test_steps))
+            score_story(self, self.story_metrics, frames)
+
+    def on_test_epoch_end(self) -> None:
+        from callbacks.story_evaluation import metric_table, write_metrics
+
+        scores = self.story_metrics.compute()
+        self.story_metrics.reset()
+        for name, value in scores.items():
+            self.log(f"test/{name}", value)
+        if self.trainer.is_global_zero:
+            path = write_metrics(self.output_dir, scores, {"detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir,
+                                                           "evaluator_dir": self.evaluator_dir, "test_steps": self.test_steps})
+            log.info("test metrics (%s):\n%s", path, metric_table(scores))

@@ -1,0 +1,98 @@
+"""Scoring generated stories against the truth, during validation and as a standalone test.
+
+Protocol (StoryDALL-E / StoryGPT-V, "visualization"): start from a story's first frame and
+caption, give the true captions of the next ``steps`` frames, let the model draw them, and
+compare the drawn frames with the true ones (FID, CLIP-I, CLIP-T, character F1, frame and
+background accuracy, within-story consistency).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from callbacks.metrics.story_metrics import StoryMetrics
+from callbacks.sample_stories import images_of
+from datamodules.images import UnreadableImage
+
+log = logging.getLogger(__name__)
+
+
+def score_story(pl_module, metrics: StoryMetrics, frames: dict[str, Any], start_frames: int = 1, settings=None) -> None:
+    """Generate the frames after ``start_frames`` with their true captions and update ``metrics``."""
+    k = start_frames
+    story = pl_module.generate_story(frames["vit_pixels"][:k], frames["captions"][:k], frames["pixels"][:k],
+                                     given_captions=frames["captions"][k:], settings=settings)
+    generated = images_of(story).to(pl_module.device)
+    n = len(generated)
+    truth = frames["pixels"][k : k + n].to(pl_module.device)
+    characters = frames["characters"][k : k + n] if frames["characters"] else None
+    metrics.update(generated, truth, frames["captions"][k : k + n], characters, [frames["background"]] * n,
+                   [frames["story_id"]] * n)
+
+
+def metric_table(scores: dict[str, float]) -> str:
+    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in sorted(scores.items()))])
+
+
+class StoryMetricsCallback(L.Callback):
+    """Every ``every_n_epochs`` validation runs, score ``num_stories`` val stories; log ``val/<metric>``.
+
+    Every rank generates its share of the stories (stories are split by rank, and a sharded model
+    needs all ranks anyway); metric states are synced by torchmetrics and every rank logs the
+    same synced values, so any Lightning logger (or none) works.
+    """
+
+    def __init__(self, evaluator_dir: str, every_n_epochs: int = 1, num_stories: int = 4, steps: int = 5,
+                 inception_weights_path: str | None = None):
+        self.evaluator_dir = evaluator_dir
+        self.every_n_epochs = every_n_epochs
+        self.num_stories = num_stories
+        self.steps = steps
+        self.inception_weights_path = inception_weights_path
+        self.metrics: StoryMetrics | None = None
+        self._runs = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not Path(self.evaluator_dir).is_dir():
+            raise FileNotFoundError(f"StoryMetricsCallback.evaluator_dir: {self.evaluator_dir} is not a folder; "
+                                    "train the evaluator first (configs/tiny/evaluator.yaml)")
+        self.metrics = StoryMetrics.from_folder(self.evaluator_dir, self.inception_weights_path)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not hasattr(pl_module, "generate_story"):
+            return
+        self._runs += 1
+        if self._runs % self.every_n_epochs:
+            return
+        settings = dataclasses.replace(pl_module.generation, steps=self.steps)
+        dataset = trainer.datamodule.datasets["val"]
+        indices = range(trainer.global_rank, min(self.num_stories, len(dataset.stories)), trainer.world_size)
+        self.metrics.to(pl_module.device)
+        for index in indices:
+            try:
+                frames = dataset.load_frames(index, range(1 + self.steps))
+            except UnreadableImage as err:
+                log.warning("story metrics: skipping val story %d: %s", index, err)
+                continue
+            score_story(pl_module, self.metrics, frames, settings=settings)
+        scores = self.metrics.compute()
+        self.metrics.reset()
+        for name, value in scores.items():
+            pl_module.log(f"val/{name}", value, rank_zero_only=True)
+        if trainer.is_global_zero:
+            log.info("story metrics at step %d:\n%s", trainer.global_step, metric_table(scores))
+
+
+def write_metrics(folder: str | Path, scores: dict[str, float], info: dict[str, Any]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "metrics.json"
+    path.write_text(json.dumps({"metrics": scores, **info}, indent=2, default=str))
+    return path
+
