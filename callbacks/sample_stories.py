@@ -78,8 +78,10 @@ class SampleStoryCallback(L.Callback):
             write_story(folder / f"story_{story_id}_{mode}", f"story {story_id} ({mode}, step {trainer.global_step})",
                         story.captions, [s.image for s in story.steps], [s.given for s in story.steps], story.summary())
         log.info("sample stories written to %s", folder)
+        from lightning.pytorch.loggers import WandbLogger
+
         for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 self._log_wandb(logger, trainer, stories)
 
     @staticmethod
