@@ -284,13 +284,13 @@ class ParameterEMA:
         """Temporarily load the averaged weights into the live parameters."""
         backup = [p.detach().clone() for p in self.params]
         with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
+            for p, s in zip(self.params, self.shadow, strict=True):
                 p.copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, b in zip(self.params, backup):
+                for p, b in zip(self.params, backup, strict=True):
                     p.copy_(b)
 
     def state_dict(self) -> dict[str, Any]:
@@ -298,4 +298,4 @@ class ParameterEMA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay = state["decay"]
-        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params)]
+        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params, strict=True)]

@@ -1,0 +1,116 @@
+"""Unit tests of the stage-1 components: perceiver, SD-XL adapter, vision encoder, metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from callbacks.metrics.reconstruction import reconstruction_metrics
+from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
+from lightning_modules.components.sdxl_adapter import (
+    SDXLAdapter,
+    SDXLAdapterConfig,
+    condition_dropout,
+    sdxl_time_ids,
+)
+from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
+
+SMALL_VIT = VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+def test_perceiver_maps_any_token_count_to_num_queries():
+    cfg = PerceiverConfig(input_dim=24, dim=32, depth=2, heads=4, dim_head=8, num_queries=5, output_dim=7, ff_mult=2)
+    resampler = PerceiverResampler(cfg)
+    for tokens in (1, 10, 300):
+        assert resampler(torch.randn(3, tokens, 24)).shape == (3, 5, 7)
+    # stage 2 passes its own queries (e.g. LLM hidden states): the count follows them
+    assert resampler(torch.randn(2, 10, 24), queries=torch.randn(2, 9, 32)).shape == (2, 9, 7)
+
+
+def test_perceiver_output_depends_on_input():
+    resampler = PerceiverResampler(PerceiverConfig(input_dim=8, dim=16, heads=2, dim_head=8, num_queries=4, output_dim=16))
+    a, b = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    assert not torch.allclose(resampler(a), resampler(b))
+
+
+def test_adapter_shapes_and_time_ids_order():
+    cfg = SDXLAdapterConfig(
+        resampler=PerceiverConfig(input_dim=12, dim=16, depth=1, heads=2, dim_head=8, num_queries=6, output_dim=16),
+        proj_dims=(10, 14),
+        pooled_dim=14,
+        pool_heads=2,
+    )
+    original = torch.tensor([[480, 768], [64, 64]])
+    crop = torch.tensor([[3, 5], [0, 0]])
+    target = torch.tensor([[1024, 1024], [64, 64]])
+    time_ids = sdxl_time_ids(original, crop, target)
+    assert time_ids.tolist() == [[480, 768, 3, 5, 1024, 1024], [64, 64, 0, 0, 64, 64]]
+    cond = SDXLAdapter(cfg)(torch.randn(2, 9, 12), time_ids)
+    assert cond.encoder_hidden_states.shape == (2, 6, 24)  # the two projections concatenated
+    assert cond.text_embeds.shape == (2, 14)
+    assert torch.equal(cond.time_ids, time_ids)
+    assert set(cond.unet_kwargs()["added_cond_kwargs"]) == {"text_embeds", "time_ids"}
+
+
+def test_condition_dropout_replaces_exactly_the_dropped_rows_with_null_features():
+    features = torch.randn(64, 4, 3)
+    null = torch.zeros(1, 4, 3) + 7.0
+    out, drop = condition_dropout(features, null, 0.5, torch.Generator().manual_seed(0))
+    assert 10 < drop.sum() < 54
+    assert torch.equal(out[drop], null.expand(int(drop.sum()), -1, -1))
+    assert torch.equal(out[~drop], features[~drop])
+    kept, none_dropped = condition_dropout(features, null, 0.0)
+    assert not none_dropped.any() and torch.equal(kept, features)
+    all_null, _ = condition_dropout(features, null, 1.0)
+    assert (all_null == 7.0).all()
+
+
+def test_vision_encoder_is_frozen_outside_module_tree_and_deterministic():
+    enc = FrozenVisionEncoder(SMALL_VIT)
+    x = torch.randn(2, 3, 32, 32)
+    feats = enc(x)
+    assert feats.shape == (2, enc.num_tokens, enc.dim) == (2, 16, 32)
+    assert not feats.requires_grad
+    assert list(enc.parameters()) == [] and enc.state_dict() == {}
+    assert all(not p.requires_grad for p in enc.tower.parameters())
+    enc.train()
+    assert not enc.tower.training  # stays in eval mode
+    # the same seed rebuilds the same tower (that is why its weights are never saved)
+    assert torch.equal(FrozenVisionEncoder(SMALL_VIT)(x), feats)
+    other = VisionEncoderConfig(**{**SMALL_VIT.__dict__, "seed": 1})
+    assert not torch.allclose(FrozenVisionEncoder(other)(x), feats)
+    # .to() reaches the hidden tower
+    enc.to(torch.float64)
+    assert next(enc.tower.parameters()).dtype == torch.float64
+
+
+def test_vision_encoder_pooling_and_size_check():
+    enc = FrozenVisionEncoder(VisionEncoderConfig(**{**SMALL_VIT.__dict__, "num_tokens": 4}))
+    assert enc(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32)
+    with pytest.raises(ValueError, match="vit_image_size"):
+        enc(torch.randn(1, 3, 64, 64))
+    null = enc.null_features(3)
+    assert null.shape == (3, 4, 32) and torch.equal(null[0], enc(torch.zeros(1, 3, 32, 32))[0])
+
+
+def test_qwen_vl_backend_has_known_shape_but_is_marked_later_work():
+    enc = FrozenVisionEncoder(VisionEncoderConfig(backend="qwen_vl"))
+    assert (enc.num_tokens, enc.dim, enc.image_size) == (256, 4096, 448)
+    with pytest.raises(NotImplementedError, match="Qwen-VL"):
+        enc(torch.zeros(1, 3, 448, 448))
+
+
+def test_reconstruction_metrics_order_good_and_bad_reconstructions():
+    metrics = reconstruction_metrics()
+    target = torch.rand(4, 3, 32, 32) * 2 - 1
+    metrics.update(target, target)
+    same = metrics.compute()
+    metrics.reset()
+    metrics.update((target + 0.2 * torch.randn_like(target)).clamp(-1, 1), target)
+    noisy = metrics.compute()
+    assert "lpips_randnet" in same  # the fallback is labelled as such
+    assert same["lpips_randnet"] == pytest.approx(0.0, abs=1e-6) and noisy["lpips_randnet"] > 0
+    assert same["ssim"] == pytest.approx(1.0, abs=1e-4)
+    assert noisy["ssim"] < 0.99
+    assert 10 < noisy["psnr"] < 30
+    assert metrics.state_dict() == {}  # the LPIPS net is not checkpointed

@@ -1,0 +1,285 @@
+"""Stage 1 (de-tokenizer): CLI run, trainable sets, CFG dropout, export round trip, real config on meta."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from torch.utils.data import DataLoader, IterableDataset
+
+from callbacks.metrics.reconstruction import psnr
+from lightning_modules.components.diffusion import UNetSpec
+from lightning_modules.components.perceiver import PerceiverConfig
+from lightning_modules.components.sdxl_adapter import SDXLAdapterConfig
+from lightning_modules.components.vision_encoder import VisionEncoderConfig
+from lightning_modules.detokenizer import TINY_UNET_CONFIG, DetokenizerModule, load_detokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny" / "stage1_detokenizer.yaml"
+REAL_CONFIG = ROOT / "configs" / "seed_story" / "stage1_detokenizer.yaml"
+SDXL_UNET_PARAMS = 2_567_463_684
+
+SMALL_UNET = {**TINY_UNET_CONFIG, "block_out_channels": [32, 32, 64], "attention_head_dim": [2, 2, 4]}
+
+
+def small_module(**overrides) -> DetokenizerModule:
+    """A seconds-fast de-tokenizer: 32 px ViT view, small UNet over 64 px pixels folded 4x4."""
+    kwargs = dict(
+        vision_encoder=VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        adapter=SDXLAdapterConfig(
+            resampler=PerceiverConfig(input_dim=32, dim=32, depth=1, heads=2, dim_head=16, num_queries=8, output_dim=32),
+            proj_dims=(16, 32),
+            pooled_dim=32,
+            pool_heads=2,
+        ),
+        unet=UNetSpec(config=SMALL_UNET),
+        train_unet="kv",
+        val_images=2,
+        val_inference_steps=2,
+    )
+    kwargs.update(overrides)
+    module = DetokenizerModule(**kwargs)
+    module.configure_model()
+    return module
+
+
+def fake_batch(n: int = 2, vit: int = 32, size: int = 64) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "vit_pixels": torch.randn(n, 3, vit, vit, generator=g),
+        "pixels": torch.rand(n, 3, size, size, generator=g) * 2 - 1,
+        "original_size": torch.full((n, 2), size),
+        "crop_top_left": torch.zeros(n, 2, dtype=torch.long),
+        "target_size": torch.full((n, 2), size),
+        "captions": ["x"] * n,
+        "story_id": [str(i) for i in range(n)],
+        "frame_index": torch.arange(n),
+    }
+
+
+def cli_args(world: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        f"--config={TINY_CONFIG}",
+        f"--data.init_args.train_files={world / 'train.jsonl'}",
+        f"--data.init_args.val_files={world / 'val.jsonl'}",
+        f"--data.init_args.test_files={world / 'test.jsonl'}",
+        f"--data.init_args.image_root={world / 'images'}",
+        f"--data.init_args.synthetic.out={world}",
+        f"--trainer.default_root_dir={root}",
+        *extra,
+    ]
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+
+def test_tiny_config_fast_dev_run(tiny_world: Path, tmp_path: Path):
+    from train import cli_main
+
+    cli = cli_main(
+        cli_args(
+            tiny_world,
+            tmp_path,
+            "--trainer.fast_dev_run=true",
+            "--data.init_args.batch_size=4",
+            "--model.init_args.val_images=2",
+            "--model.init_args.val_inference_steps=2",
+        )
+    )
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/loss"])
+    assert {"val/psnr", "val/ssim", "val/lpips_randnet"} <= set(metrics)
+    grid = cli.model.last_reconstructions
+    assert grid is not None and grid.shape[0] == 3 and 0 <= grid.min() and grid.max() <= 1
+    # the frozen tower never reaches a checkpoint or an optimizer
+    assert not any(k.startswith("vision_encoder") for k in cli.model.state_dict())
+    optimized = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in cli.model.parameters() if p.requires_grad}
+
+
+def test_empty_batch_is_skipped():
+    module = small_module()
+    assert module.training_step({"skipped": {"unreadable_image": 2}}, 0) is None
+
+
+# -- what trains -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["none", "kv", "lora", "full"])
+def test_trainable_set_follows_train_unet(mode: str):
+    module = small_module(train_unet=mode)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    adapter = {f"adapter.{n}" for n, _ in module.adapter.named_parameters()}
+    unet = {n for n in trainable if n.startswith("unet.")}
+    assert adapter <= trainable and not any(n.startswith("vision_encoder") for n in trainable)
+    if mode == "none":
+        assert unet == set()
+    elif mode == "kv":
+        assert unet and all(n.split(".")[-2] in ("to_k", "to_v") for n in unet)
+        n_attn = sum(1 for n, _ in module.unet.named_modules() if n.endswith(".to_k"))
+        assert len(unet) == 2 * n_attn  # every attention layer, self and cross
+    elif mode == "lora":
+        assert unet and all("lora_" in n for n in unet)
+    else:
+        assert unet == {f"unet.{n}" for n, _ in module.unet.named_parameters()}
+    optimizer = module.configure_optimizers()
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for p in module.parameters() if p.requires_grad
+    )
+
+
+def test_conditioning_dropout_feeds_zero_image_features():
+    module = small_module(cond_dropout=1.0)
+    seen: list[torch.Tensor] = []
+    module.adapter.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    batch = fake_batch(3)
+    module._shared_step(batch, "train")
+    null = module.vision_encoder(torch.zeros(1, 3, 32, 32))
+    assert torch.allclose(seen[0], null.expand(3, -1, -1))
+    seen.clear()
+    module._shared_step(batch, "val")  # never dropped outside training
+    assert torch.allclose(seen[0], module.vision_encoder(batch["vit_pixels"]))
+
+
+def test_sampling_uses_cfg_with_zero_image_branch():
+    module = small_module()
+    seen: list[torch.Tensor] = []
+    module.adapter.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    feats = module.vision_encoder(fake_batch(2)["vit_pixels"])
+    out = module.decode(feats, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 64, 64) and out.abs().max() <= 1
+    assert len(seen) == 2 and torch.allclose(seen[1], module.vision_encoder.null_features(2))
+    seen.clear()
+    module.decode(feats, num_inference_steps=2, guidance_scale=1.0)
+    assert len(seen) == 1  # no unconditional branch without guidance
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["kv", "lora"])
+def test_export_round_trip(tmp_path: Path, mode: str):
+    module = small_module(train_unet=mode).eval()
+    with torch.no_grad():  # move away from init so the round trip is not trivially true
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    module.save_detokenizer(tmp_path)
+    assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "detokenizer.json").is_file()
+
+    batch = fake_batch(2)
+    cond = module.conditioning(module.vision_encoder(batch["vit_pixels"]), torch.full((2, 6), 64.0))
+    x, t = torch.randn(2, 48, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = module.unet(x, t, **cond.unet_kwargs()).sample
+        exported = UNet2DConditionModel.from_pretrained(tmp_path, subfolder="unet")
+        got = exported(x, t, **cond.unet_kwargs()).sample
+    assert torch.allclose(got, expected, atol=1e-5)
+
+    loaded = load_detokenizer(tmp_path).eval()
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = module.reconstruct(batch["vit_pixels"], num_inference_steps=2, generator=g())
+    b = loaded.reconstruct(batch["vit_pixels"], num_inference_steps=2, generator=g())
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+# -- real scale, no weights ------------------------------------------------------------------
+
+
+def test_real_config_instantiates_on_meta_device():
+    from train import cli_main
+
+    cli = cli_main(
+        [
+            f"--config={REAL_CONFIG}",
+            "--model.init_args.unet.meta_init=true",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
+        ],
+        run=False,
+    )
+    module = cli.model
+    assert isinstance(module, DetokenizerModule)
+    module.configure_model()
+    unet = module.unet
+    assert all(p.device.type == "meta" for p in unet.parameters())
+    n_unet = sum(p.numel() for p in unet.parameters())
+    assert abs(n_unet - SDXL_UNET_PARAMS) / SDXL_UNET_PARAMS < 0.01
+    assert unet.config.cross_attention_dim == 2048 and unet.config.projection_class_embeddings_input_dim == 2816
+    assert (module.vision_encoder.num_tokens, module.vision_encoder.dim) == (256, 4096)
+    # trains the resampler/adapter and to_k/to_v of every UNet attention, nothing else
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    expected = {f"adapter.{n}" for n, _ in module.adapter.named_parameters()} | {
+        f"unet.{n}" for n, _ in unet.named_parameters() if n.endswith(("to_k.weight", "to_v.weight"))
+    }
+    assert trainable == expected
+    n_kv = sum(p.numel() for n, p in unet.named_parameters() if n.endswith(("to_k.weight", "to_v.weight")))
+    assert n_kv == 545_587_200
+    cfg = module.adapter_config.resampler
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.dim_head, cfg.num_queries, cfg.input_dim, cfg.ff_mult) == (1024, 4, 16, 64, 64, 4096, 4)
+    assert (module.num_inference_steps, module.guidance_scale) == (50, 7.5)
+
+
+class RepeatBatch(IterableDataset):
+    """The same (already collated) batch, ``times`` times."""
+
+    def __init__(self, batch: dict, times: int):
+        self.batch, self.times = batch, times
+
+    def __iter__(self):
+        return (self.batch for _ in range(self.times))
+
+
+# -- learning ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_overfits_a_handful_of_frames(tiny_world: Path):
+    """A few frames: the loss falls clearly and reconstructions beat the mean image on PSNR."""
+    from datamodules.storystream import StoryStreamDataModule
+
+    dm = StoryStreamDataModule(
+        mode="frames",
+        train_files=str(tiny_world / "train.jsonl"),
+        image_root=str(tiny_world / "images"),
+        vit_image_size=64,
+        image_size=64,
+        batch_size=4,
+        shuffle=False,
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    batch.pop("skipped", None)
+    torch.manual_seed(0)
+    module = DetokenizerModule(train_unet="full", cond_dropout=0.0)  # the tiny default architecture
+    module.configure_optimizers = lambda: torch.optim.AdamW(module.trainable_parameters(), lr=2e-3)  # type: ignore[method-assign]
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    steps = 120
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(RepeatBatch(batch, steps), batch_size=None))
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+
+    module.eval()
+    recon = module.reconstruct(batch["vit_pixels"], num_inference_steps=20, guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
+    target = batch["pixels"]
+    baseline = target.mean(dim=0, keepdim=True).expand_as(target)
+    assert psnr(recon, target) > psnr(baseline, target) + 2.0
