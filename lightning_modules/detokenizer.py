@@ -94,6 +94,7 @@ class DetokenizerModule(L.LightningModule):
         val_images: how many validation frames (the first ones) are reconstructed and scored.
         val_inference_steps / val_guidance_scale: cheaper sampling during validation (None: defaults).
         lpips_backbone: local torchvision AlexNet weights for LPIPS (else the labelled random-net fallback).
+        export_dir: where :meth:`save_detokenizer` writes at the end of ``fit`` (stage 3 starts from it).
         sample_seed: seed of the validation sampling noise (same frames, same noise, every epoch).
     """
 
@@ -116,6 +117,7 @@ class DetokenizerModule(L.LightningModule):
         val_guidance_scale: float | None = None,
         lpips_backbone: str | None = None,
         sample_seed: int = 0,
+        export_dir: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ):
@@ -137,6 +139,7 @@ class DetokenizerModule(L.LightningModule):
         self.val_inference_steps = val_inference_steps or num_inference_steps
         self.val_guidance_scale = val_guidance_scale if val_guidance_scale is not None else guidance_scale
         self.sample_seed = sample_seed
+        self.export_dir = export_dir
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
@@ -335,6 +338,10 @@ class DetokenizerModule(L.LightningModule):
         return self.decode(self.vision_encoder(vit_pixels), original_size, crop_top_left, target_size, **sampling)
 
     # -- checkpoints and export ----------------------------------------------------------
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.save_detokenizer(self.export_dir)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:

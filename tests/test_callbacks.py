@@ -76,7 +76,8 @@ def test_stage3_run_logs_stories_and_metrics_to_offline_wandb(tiny_world, export
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=false",
     ], run=False)
-    cli.trainer.callbacks.extend(callbacks)
+    keep = [c for c in cli.trainer.callbacks if not isinstance(c, (SampleStoryCallback, StoryMetricsCallback))]
+    cli.trainer.callbacks = keep + callbacks  # the config's ones point at the quickstart's evaluator
     cli.trainer.loggers = [logger]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     logger.experiment.finish()
