@@ -59,3 +59,26 @@ def write_story(folder: str | Path, title: str, captions: list[str], images: lis
     (folder / "story.json").write_text(json.dumps(record, indent=2, default=str))
     (folder / "storyboard.html").write_text(storyboard_html(title, captions, pictures, given))
     return folder
+
+
+def story_strip(captions: list[str], images: list[torch.Tensor | Image.Image | None], scale: int = 2,
+                columns: int = 10) -> Image.Image:
+    """One picture of a story for notebooks: frames in rows of ``columns``, a short caption under each."""
+    from PIL import ImageDraw
+
+    pictures = [to_pil(i) if isinstance(i, torch.Tensor) else i for i in images]
+    first = next(p for p in pictures if p is not None)
+    w, h = first.width * scale, first.height * scale
+    text_h = 28
+    caption_chars = max(8, w // 6)  # the default bitmap font is about 6 px wide
+    rows = (len(pictures) + columns - 1) // columns
+    sheet = Image.new("RGB", (w * min(columns, len(pictures)), (h + text_h) * rows), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (caption, picture) in enumerate(zip(captions, pictures)):
+        x, y = (i % columns) * w, (i // columns) * (h + text_h)
+        if picture is not None:
+            sheet.paste(picture.resize((w, h), Image.Resampling.NEAREST), (x, y))
+        words = caption[: 2 * caption_chars]
+        draw.text((x + 2, y + h + 1), words[:caption_chars], fill=(0, 0, 0))
+        draw.text((x + 2, y + h + 13), words[caption_chars:], fill=(0, 0, 0))
+    return sheet
