@@ -41,7 +41,9 @@ from lightning_modules.components.diffusion import (
     sample_latents,
     select_trainable,
 )
+from lightning_modules.components import sharding
 from lightning_modules.components.perceiver import PerceiverConfig
+from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.sdxl_adapter import (
     SDXLAdapter,
     SDXLAdapterConfig,
@@ -94,6 +96,7 @@ class DetokenizerModule(L.LightningModule):
         val_images: how many validation frames (the first ones) are reconstructed and scored.
         val_inference_steps / val_guidance_scale: cheaper sampling during validation (None: defaults).
         lpips_backbone: local torchvision AlexNet weights for LPIPS (else the labelled random-net fallback).
+        fsdp: sharding switches used under ``ModelParallelStrategy`` (mixed precision, checkpointing).
         export_dir: where :meth:`save_detokenizer` writes at the end of ``fit`` (stage 3 starts from it).
         sample_seed: seed of the validation sampling noise (same frames, same noise, every epoch).
     """
@@ -118,6 +121,7 @@ class DetokenizerModule(L.LightningModule):
         lpips_backbone: str | None = None,
         sample_seed: int = 0,
         export_dir: str | None = None,
+        fsdp: FSDPSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ):
@@ -140,6 +144,7 @@ class DetokenizerModule(L.LightningModule):
         self.val_guidance_scale = val_guidance_scale if val_guidance_scale is not None else guidance_scale
         self.sample_seed = sample_seed
         self.export_dir = export_dir
+        self.fsdp = fsdp or FSDPSettings()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
@@ -171,6 +176,8 @@ class DetokenizerModule(L.LightningModule):
         log.info("UNet: %d trainable tensors (train_unet=%s)", len(trainable), self.train_unet)
         if not self.unet_spec.meta_init:
             self.codec = load_codec(self.vae_path, pixel_patch=self.pixel_patch)
+            if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
+                sharding.shard(sharding.unet_units(self.unet) + [self.adapter], [self.unet], self.device_mesh, self.fsdp)
             if self.ema_decay is not None:
                 self.ema = ParameterEMA(self.trainable_parameters(), self.ema_decay)
 

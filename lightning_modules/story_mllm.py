@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from datamodules.batch import batch_size
-from lightning_modules.components import story_llm
+from lightning_modules.components import sharding, story_llm
+from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
 from lightning_modules.components.sequence import IGNORE_INDEX, StorySequence, Supervise, build_story_sequences
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
@@ -69,6 +70,7 @@ class StoryMLLMModule(L.LightningModule):
         rec_loss: ``cosine`` (``1 - cos`` per feature token) or ``mse``.
         max_length: token budget; longer samples lose whole leading steps (counted).
         export_dir: where ``save_mllm`` writes at the end of ``fit`` (None: not written).
+        fsdp: sharding switches used under ``ModelParallelStrategy`` (mixed precision, checkpointing).
     """
 
     def __init__(
@@ -89,11 +91,13 @@ class StoryMLLMModule(L.LightningModule):
         max_length: int = 1280,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
+        fsdp: FSDPSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.fsdp = fsdp or FSDPSettings()
         self.llm_spec = llm or LLMSpec(config=TINY_LLAMA)
         self.tokenizer_path = tokenizer_path
         self.tokenizer_train_file = tokenizer_train_file
@@ -156,6 +160,9 @@ class StoryMLLMModule(L.LightningModule):
         if self.lora is not None:
             model = story_llm.add_lora(model, self.lora)
         self.llm = model
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
+            sharding.shard(story_llm.decoder_layers(model) + [self.input_resampler, self.output_resampler], [self.llm],
+                           self.device_mesh, self.fsdp)
 
     @property
     def base_llm(self) -> nn.Module:
@@ -312,7 +319,7 @@ def save_mllm(module: StoryMLLMModule, out_dir: str | Path) -> Path:
         "input_embeddings": base.get_input_embeddings().weight[new].detach().float().cpu().contiguous(),
         "output_embeddings": base.get_output_embeddings().weight[new].detach().float().cpu().contiguous(),
     }, str(out / TOKEN_EMBEDDINGS_FILE))
-    hparams = {k: v for k, v in module.hparams.items() if k not in ("export_dir",)}
+    hparams = {k: v for k, v in module.hparams.items() if k not in ("export_dir", "fsdp")}
     (out / EXPORT_FILE).write_text(json.dumps(_jsonable(hparams), indent=2))
     return out
 

@@ -1,0 +1,56 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for the stage modules, under Lightning's
+``ModelParallelStrategy``: each transformer layer / UNet block is its own FSDP unit, then the root.
+
+Modules call :func:`shard` from ``configure_model`` when the strategy has given them a device
+mesh (``self.device_mesh``); without one (single device, DDP) nothing changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FSDPSettings:
+    """Switches for sharded training (ignored unless the strategy provides a device mesh)."""
+
+    mixed_precision: bool = False  # bf16 parameters in compute, fp32 gradient reduction
+    activation_checkpointing: bool = False  # recompute each unit's activations in backward
+    reshard_after_forward: bool = True  # ZeRO-3; False keeps gathered params until backward (ZeRO-2)
+
+
+def data_parallel_mesh(mesh):
+    """The data-parallel sub-mesh of Lightning's (data_parallel, tensor_parallel) mesh."""
+    if mesh is None:
+        return None
+    return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+
+
+def shard(units: list[nn.Module], roots: list[nn.Module], mesh, settings: FSDPSettings) -> int:
+    """Make every module of ``units`` an FSDP unit, then each of ``roots``; return the unit count."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = data_parallel_mesh(mesh)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if settings.mixed_precision \
+        else MixedPrecisionPolicy()
+    for unit in units:
+        if settings.activation_checkpointing:
+            from torch.distributed._composable import checkpoint
+
+            checkpoint(unit)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=settings.reshard_after_forward)
+    for root in roots:
+        fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=settings.reshard_after_forward)
+    log.info("FSDP: %d units + %d roots over %d ranks", len(units), len(roots), mesh.size())
+    return len(units)
+
+
+def unet_units(unet: nn.Module) -> list[nn.Module]:
+    """UNet FSDP units: every transformer block and resnet block (what holds the parameters)."""
+    return [m for m in unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")]
