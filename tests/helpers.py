@@ -46,3 +46,4 @@ class PixelMeanProbe(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+

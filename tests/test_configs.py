@@ -24,3 +24,13 @@ def test_print_config(path, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] and printed["data"]["class_path"]
+
+
+@pytest.mark.parametrize("trainer", sorted(Path("configs/trainer").glob("*.yaml")), ids=str)
+def test_trainer_configs_compose_with_a_stage(trainer, capsys):
+    assert trainer.read_text().startswith("#")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--print_config", "--config", "configs/tiny/stage2_mllm.yaml", "--config", str(trainer)])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["strategy"]["class_path"].startswith("lightning.pytorch.strategies.")
