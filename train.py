@@ -10,6 +10,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from callbacks.data_health import DataHealthCallback
+from callbacks.resilience import NonFiniteGuard, RNGStateCallback
 
 
 class StoryCLI(LightningCLI):
@@ -22,7 +23,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> StoryCLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [DataHealthCallback()]},
+        trainer_defaults={"callbacks": [DataHealthCallback(), RNGStateCallback(), NonFiniteGuard()]},
         parser_kwargs={"parser_mode": "omegaconf"},
         args=args,
         run=run,

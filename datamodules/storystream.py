@@ -391,9 +391,9 @@ class StoryStreamDataModule(L.LightningDataModule):
         sampler = self._samplers.get("train")
         if trainer is None or sampler is None:
             return {}
-        # The loop's progress counts batches since the start of the epoch (it is restored on
-        # resume too), so it gives this rank's position in the sampler's slice.
-        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # The loop's progress counts batches since the start of the epoch; "processed" already
+        # includes the batch whose on_train_batch_end is saving this checkpoint.
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": sampler.epoch, "start_index": batches_done * self.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

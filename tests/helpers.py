@@ -47,3 +47,32 @@ class PixelMeanProbe(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
+
+
+class KillAtStep(L.Callback):
+    """Kills its own process with a real signal right after optimizer step ``step`` (crash tests)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGKILL"):
+        self.step = step
+        self.signal_name = signal_name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class StepLog(L.Callback):
+    """Appends (global step, loss, story ids) of every training batch to a jsonl file, flushed each line."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
+        line = {"step": trainer.global_step, "loss": loss, "ids": list(batch["story_id"]),
+                "frames": batch["frame_index"].tolist()}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(line) + "\n")

@@ -1,0 +1,87 @@
+"""Crash and resume: a run killed mid-epoch continues exactly where its last checkpoint was."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from callbacks.resilience import NonFiniteGuard
+from tests.helpers import PixelMeanProbe
+
+
+def _fit(world, out, extra):
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/tiny/stage1_detokenizer.yaml",
+           f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'val.jsonl'}",
+           f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
+           "--data.init_args.synthetic=null", "--data.init_args.batch_size=4", "--data.init_args.image_size=64",
+           "--trainer.max_steps=8", "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+           f"--trainer.default_root_dir={out}", "--model.init_args.export_dir=null", "--model.init_args.scheduler=null",
+           f"--trainer.callbacks+={{'class_path': 'lightning.pytorch.callbacks.ModelCheckpoint', 'init_args': "
+           f"{{'dirpath': '{out}/ckpt', 'every_n_train_steps': 2, 'save_last': true, 'save_top_k': -1}}}}",
+           f"--trainer.callbacks+={{'class_path': 'tests.helpers.StepLog', 'init_args': {{'path': '{out}/steps.jsonl'}}}}",
+           *extra]
+    return subprocess.run(cmd, timeout=900, capture_output=True, text=True)
+
+
+def _steps(out):
+    return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_with_the_same_steps_samples_and_losses(tiny_world, tmp_path, signal_name):
+    whole = _fit(tiny_world, tmp_path / "whole", [])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    crashed = _fit(tiny_world, tmp_path / "crash", [
+        f"--trainer.callbacks+={{'class_path': 'tests.helpers.KillAtStep', 'init_args': {{'step': 5, 'signal_name': '{signal_name}'}}}}"])
+    assert crashed.returncode != 0  # really killed
+    before = _steps(tmp_path / "crash")
+    assert [s["step"] for s in before] == [1, 2, 3, 4, 5]
+    torch.load(tmp_path / "crash" / "ckpt" / "last.ckpt", weights_only=False)  # "last" is complete, not half written
+    resumed = _fit(tiny_world, tmp_path / "crash", ["--ckpt_path", str(tmp_path / "crash" / "ckpt" / "last.ckpt")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = _steps(tmp_path / "crash")[len(before):]
+    reference = _steps(tmp_path / "whole")
+    # resumed from the step-4 checkpoint: steps 5..8 again, with the very same samples and losses
+    assert [s["step"] for s in after] == [5, 6, 7, 8]
+    trajectory = before[:4] + after
+    assert [(s["ids"], s["frames"]) for s in trajectory] == [(s["ids"], s["frames"]) for s in reference]
+    for got, want in zip(trajectory, reference):
+        assert abs(got["loss"] - want["loss"]) < 1e-5 * max(1.0, abs(want["loss"])), (trajectory, reference)
+
+
+class _NaNAt(PixelMeanProbe):
+    def __init__(self, bad_steps):
+        super().__init__()
+        self.bad_steps = bad_steps
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step in self.bad_steps else loss
+
+
+def _guarded_fit(tiny_world, tmp_path, module, guard, steps):
+    import lightning as L
+
+    from datamodules.storystream import StoryStreamDataModule
+    from tests.conftest import data_args
+
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[guard], default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, datamodule=StoryStreamDataModule(**data_args(tiny_world, batch_size=2)))
+    return trainer
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny_world, tmp_path):
+    module = _NaNAt(bad_steps={2, 3})
+    guard = NonFiniteGuard(max_in_a_row=3)
+    trainer = _guarded_fit(tiny_world, tmp_path, module, guard, steps=6)
+    assert guard.skipped == 2 and trainer.global_step == 6
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run_clearly(tiny_world, tmp_path):
+    with pytest.raises(RuntimeError, match="3 optimizer steps in a row had non-finite gradients"):
+        _guarded_fit(tiny_world, tmp_path, _NaNAt(bad_steps=set(range(100))), NonFiniteGuard(max_in_a_row=3), steps=10)
