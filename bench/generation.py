@@ -26,7 +26,7 @@ from lightning_modules.components.caption_decoding import DecodeSettings
 from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
 from lightning_modules.components.tokenizer import make_tiny_tokenizer
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
-from lightning_modules.story_mllm import TINY_LLAMA, StoryMLLMModule, load_mllm
+from lightning_modules.story_mllm import StoryMLLMModule, load_mllm
 
 REPORT_STEPS = (5, 10, 25, 50)
 

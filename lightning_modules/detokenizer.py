@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from callbacks.metrics.reconstruction import reconstruction_metrics
 from datamodules.batch import batch_size
+from lightning_modules.components import sharding
 from lightning_modules.components.diffusion import (
     NoiseSpec,
     ParameterEMA,
@@ -41,9 +42,8 @@ from lightning_modules.components.diffusion import (
     sample_latents,
     select_trainable,
 )
-from lightning_modules.components import sharding
 from lightning_modules.components.perceiver import PerceiverConfig
-from lightning_modules.components.sharding import FSDPSettings
+from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sdxl_adapter import (
     SDXLAdapter,
     SDXLAdapterConfig,
@@ -51,6 +51,7 @@ from lightning_modules.components.sdxl_adapter import (
     condition_dropout,
     sdxl_time_ids,
 )
+from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -185,10 +186,7 @@ class DetokenizerModule(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return optimizer_config(self.trainable_parameters(), self.optimizer_factory, self.scheduler_factory)
 
     # -- training ------------------------------------------------------------------------
 

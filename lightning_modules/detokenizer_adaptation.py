@@ -14,8 +14,9 @@ is frozen.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -24,6 +25,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from datamodules.batch import batch_size
 from lightning_modules.components.diffusion import TrainUNet
+from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sequence import Supervise
 from lightning_modules.components.story_generator import GenerationSettings, Story, StoryGenerator
 from lightning_modules.components.storyboard import write_story
@@ -181,10 +183,7 @@ class DetokenizerAdaptationModule(L.LightningModule):
             self.val_psnr.reset()
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.detokenizer.trainable_parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return optimizer_config(self.detokenizer.trainable_parameters(), self.optimizer_factory, self.scheduler_factory)
 
     def on_fit_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:

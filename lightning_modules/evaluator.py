@@ -41,6 +41,7 @@ from transformers import (
 from datamodules.batch import batch_size
 from datamodules.images import CLIP_MEAN, CLIP_STD
 from datamodules.synthetic import BACKGROUND_NAMES, CHARACTER_NAMES
+from lightning_modules.components.schedules import optimizer_config
 
 log = logging.getLogger(__name__)
 
@@ -478,13 +479,7 @@ class EvaluatorModule(L.LightningModule):
         self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
-        }
+        return optimizer_config(self.parameters(), self.optimizer_factory, self.scheduler_factory)
 
     def on_fit_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:

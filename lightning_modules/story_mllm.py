@@ -28,11 +28,16 @@ from torch import nn
 
 from datamodules.batch import batch_size
 from lightning_modules.components import sharding, story_llm
-from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
+from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sequence import IGNORE_INDEX, StorySequence, Supervise, build_story_sequences
+from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
-from lightning_modules.components.tokenizer import StoryTokens, add_story_tokens, load_story_tokenizer, make_tiny_tokenizer
+from lightning_modules.components.tokenizer import (
+    StoryTokens,
+    load_story_tokenizer,
+    make_tiny_tokenizer,
+)
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -255,10 +260,7 @@ class StoryMLLMModule(L.LightningModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.trainable_parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return optimizer_config(self.trainable_parameters(), self.optimizer_factory, self.scheduler_factory)
 
     def on_fit_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:

@@ -1,6 +1,5 @@
 """The multimodal attention sink and the story generator's context policies."""
 
-import pytest
 import torch
 
 from lightning_modules.components import attention_sink as sink

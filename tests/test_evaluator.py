@@ -142,9 +142,9 @@ def test_fast_dev_run_of_the_tiny_config(tiny_world, tmp_path):
 
 @pytest.fixture(scope="module")
 def medium_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """80 stories at 32 px: enough train frames to learn from, 16 held-out stories to score on."""
+    """80 stories at 64 px (the evaluator's size): enough train frames, 16 held-out stories to score on."""
     out = tmp_path_factory.mktemp("medium") / "synthetic"
-    synthetic.generate(out, stories=80, seed=1, size=(32, 32))
+    synthetic.generate(out, stories=80, seed=1, size=(64, 64))
     return out
 
 
@@ -180,16 +180,16 @@ def test_evaluator_beats_chance_on_held_out_frames(medium_world, tmp_path):
     module = EvaluatorModule(
         tokenizer_path=str(tmp_path / "tok"),
         tokenizer_train_file=str(medium_world / "train.jsonl"),
-        image_size=32, patch_size=4, vision_width=48, vision_layers=2, text_width=48, text_layers=1,
+        image_size=64, patch_size=8, vision_width=64, vision_layers=2, text_width=48, text_layers=1,
         num_heads=4, projection_dim=48,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.01),
-        scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=3e-3, total_steps=180, pct_start=0.1),
+        scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=3e-3, total_steps=300, pct_start=0.1),
     )  # fmt: skip
     held_out = [str(medium_world / "val.jsonl"), str(medium_world / "test.jsonl")]
     data = StoryStreamDataModule(
-        **data_args(medium_world, mode="frames", batch_size=32, eval_batch_size=120, val_files=held_out)
+        **data_args(medium_world, mode="frames", batch_size=32, eval_batch_size=120, val_files=held_out, image_size=64, vit_image_size=64)
     )
-    trainer = L.Trainer(max_steps=180, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=300, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu")  # fmt: skip
     trainer.fit(module, data)
     scorer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")

@@ -18,7 +18,7 @@ def _run(tmp_path, name, world, extra):
            "--trainer.check_val_every_n_epoch=1", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
            f"--trainer.logger={{'class_path': 'lightning.pytorch.loggers.CSVLogger', 'init_args': {{'save_dir': '{out}'}}}}",
            f"--trainer.callbacks+={{'class_path': 'callbacks.memory.MemoryReportCallback', 'init_args': {{'out_dir': '{out}'}}}}",
-           f"--model.init_args.export_dir=null"]
+           "--model.init_args.export_dir=null"]
     subprocess.run(cmd, check=True, timeout=900)
     rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]

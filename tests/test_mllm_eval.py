@@ -4,7 +4,12 @@ import math
 
 import torch
 
-from lightning_modules.components.caption_decoding import DecodeSettings, decode_next_caption_ids, pick_token, prompt_embeddings
+from lightning_modules.components.caption_decoding import (
+    DecodeSettings,
+    decode_next_caption_ids,
+    pick_token,
+    prompt_embeddings,
+)
 from lightning_modules.evaluate_mllm import BigramModel, named_characters
 from tests.test_story_mllm import _batch, _module, tokenizer_dir  # noqa: F401  (fixture)
 

@@ -90,7 +90,7 @@ def test_supervise_all_sees_exactly_what_each_last_sequence_sees(tok):
 
     def run(seq):
         embeds = model.get_input_embeddings()(seq.input_ids).reshape(-1, 32)
-        for (row, frame), slots in zip(seq.context_frames.tolist(), seq.context_slots):
+        for (_, frame), slots in zip(seq.context_frames.tolist(), seq.context_slots):
             embeds[slots] = frame_features[frame]
         out = model(inputs_embeds=embeds.view(1, -1, 32), attention_mask=seq.attention_mask, position_ids=seq.position_ids)
         return out.logits[0]

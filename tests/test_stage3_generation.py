@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from datamodules.storystream import StoryStreamDataModule
+from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings
 from lightning_modules.detokenizer import DetokenizerModule
 from lightning_modules.detokenizer_adaptation import DetokenizerAdaptationModule
-from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings
 from lightning_modules.story_mllm import save_mllm
 from tests.conftest import data_args
 from tests.test_story_mllm import TINY_ENCODER, _module, tokenizer_dir  # noqa: F401  (fixture)

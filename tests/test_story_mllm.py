@@ -1,18 +1,16 @@
 """Stage 2: the story-teller MLLM."""
 
-import dataclasses
 
 import pytest
 import torch
 
 from datamodules.storystream import StoryStreamDataModule
+from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.sequence import IGNORE_INDEX
-from lightning_modules.components.story_llm import LoRASpec
+from lightning_modules.components.story_llm import LLMSpec, LoRASpec
 from lightning_modules.components.tokenizer import make_tiny_tokenizer
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
-from lightning_modules.story_mllm import StoryMLLMModule, TINY_LLAMA, load_mllm, save_mllm
-from lightning_modules.components.story_llm import LLMSpec
-from lightning_modules.components.perceiver import PerceiverConfig
+from lightning_modules.story_mllm import TINY_LLAMA, StoryMLLMModule, load_mllm, save_mllm
 from tests.conftest import data_args
 from train import cli_main
 

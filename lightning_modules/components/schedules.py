@@ -25,3 +25,11 @@ class WarmupCosineLR(LambdaLR):
             return (step + 1) / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_config(params, optimizer_factory, scheduler_factory=None):
+    """What ``configure_optimizers`` returns: the optimizer over ``params``, and a per-step scheduler."""
+    optimizer = optimizer_factory(params)
+    if scheduler_factory is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler_factory(optimizer), "interval": "step"}}
