@@ -203,7 +203,9 @@ class NoiseSpec:
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # epsilon (SD-XL), v_prediction, or sample (x0: regresses the image itself; the tiny CPU default,
+    # since a briefly trained model is far better at x0 than at telling fine noise from pixels)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     timestep_spacing: str = "leading"  # used by the sampler
     steps_offset: int = 1
 
@@ -224,6 +226,8 @@ def build_noise_scheduler(spec: NoiseSpec) -> DDPMScheduler:
 def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, t)
+    if scheduler.config.prediction_type == "sample":
+        return latents
     return noise
 
 
