@@ -73,6 +73,9 @@ class StoryMLLMModule(L.LightningModule):
         lora: LoRA settings; ``None`` trains the whole LLM (the tiny random-init default).
         supervise: ``last`` (SEED-Story) or ``all`` (every step's caption and image in one pass).
         rec_loss: ``cosine`` (``1 - cos`` per feature token) or ``mse``.
+        residual_features: regress the change from the previous frame's features (prediction =
+            previous + resampler output). Consecutive frames share most of their content, so this
+            starts from the copy baseline instead of from nothing. Off = SEED-Story's formulation.
         max_length: token budget; longer samples lose whole leading steps (counted).
         export_dir: where ``save_mllm`` writes at the end of ``fit`` (None: not written).
         fsdp: sharding switches used under ``ModelParallelStrategy`` (mixed precision, checkpointing).
@@ -93,6 +96,7 @@ class StoryMLLMModule(L.LightningModule):
         lm_weight: float = 1.0,
         rec_weight: float = 1.0,
         rec_loss: Literal["cosine", "mse"] = "cosine",
+        residual_features: bool = False,
         max_length: int = 1280,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
@@ -114,6 +118,7 @@ class StoryMLLMModule(L.LightningModule):
         self.lm_weight = lm_weight
         self.rec_weight = rec_weight
         self.rec_loss = rec_loss
+        self.residual_features = residual_features
         self.max_length = max_length
         self.gradient_checkpointing = gradient_checkpointing
         self.export_dir = export_dir
@@ -210,10 +215,16 @@ class StoryMLLMModule(L.LightningModule):
                             use_cache=False).last_hidden_state
         logits = base.lm_head(hidden)
         queries = hidden.reshape(-1, width)[seq.target_slots.flatten()].view(len(seq.target_frames), self.num_queries, width)
-        predicted = self.output_resampler(queries.float())
         target_rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
         prev_rows = feature_index[seq.target_frames[:, 0], (seq.target_frames[:, 1] - 1).clamp(min=0)]
-        return StoryOutputs(seq, logits, predicted, features[target_rows].float(), features[prev_rows].float())
+        previous = features[prev_rows].float()
+        predicted = self.regress(queries.float(), previous)
+        return StoryOutputs(seq, logits, predicted, features[target_rows].float(), previous)
+
+    def regress(self, queries: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Features of the next frame from the hidden states at its Q generation slots."""
+        out = self.output_resampler(queries)
+        return previous + out if self.residual_features else out
 
     def losses(self, out: StoryOutputs) -> dict[str, torch.Tensor]:
         logits, labels = out.logits[:, :-1], out.sequence.labels[:, 1:]
@@ -343,7 +354,8 @@ def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> Sto
         input_resampler=PerceiverConfig(**config.pop("input_resampler")) if config.get("input_resampler") else None,
         output_resampler=PerceiverConfig(**config.pop("output_resampler")) if config.get("output_resampler") else None,
         lora=None,
-        **{k: v for k, v in config.items() if k in ("num_queries", "supervise", "lm_weight", "rec_weight", "rec_loss", "max_length")},
+        **{k: v for k, v in config.items()
+           if k in ("num_queries", "supervise", "lm_weight", "rec_weight", "rec_loss", "residual_features", "max_length")},
     )
     module.configure_model()
     if (root / "llm_adapter").is_dir():

@@ -165,7 +165,7 @@ class StoryGenerator:
                 for i, step in enumerate(recent):
                     self._feed_frame(context, step.caption, step.features, frame - len(recent) + i)
             given = captions[t] if captions is not None else None
-            caption, features = self._write_step(context, frame, given, generator)
+            caption, features = self._write_step(context, frame, given, generator, story[-1].features)
             llm_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             image = None
@@ -206,7 +206,8 @@ class StoryGenerator:
         context.feed(slots.to(embeds_dtype), sink.SLOT, frame)
         context.feed_ids([self.mllm.tokens.img_end], sink.IMG_END, frame)
 
-    def _write_step(self, context: _LLMContext, frame: int, given: str | None, generator: torch.Generator) -> tuple[str, torch.Tensor]:
+    def _write_step(self, context: _LLMContext, frame: int, given: str | None, generator: torch.Generator,
+                    previous: torch.Tensor) -> tuple[str, torch.Tensor]:
         """Caption (decoded or forced), then ``<img>`` and the regressed features of the new frame."""
         mllm, tokens = self.mllm, self.mllm.tokens
         hidden = context.feed_ids(list(tokens.separator))
@@ -226,7 +227,7 @@ class StoryGenerator:
         context.feed_ids([tokens.img_start], sink.IMG_START, frame)
         length = len(context)
         queries = context.feed_ids(list(tokens.slots), sink.SLOT, frame)
-        features = mllm.output_resampler(queries[None].float())[0]
+        features = mllm.regress(queries[None].float(), previous[None].to(queries.device).float())[0]
         context.crop(length)  # the generation queries give way to the frame's context slots
         caption = given if given is not None else mllm.tokenizer.decode(ids, skip_special_tokens=True).strip()
         return caption, features
