@@ -171,8 +171,12 @@ class StoryMLLMModule(L.LightningModule):
             model = story_llm.add_lora(model, self.lora)
         self.llm = model
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
-            sharding.shard(story_llm.decoder_layers(model) + [self.input_resampler, self.output_resampler], [self.llm],
-                           self.device_mesh, self.fsdp)
+            # forward() calls the embeddings, the decoder stack and the head one by one, so each is
+            # its own FSDP unit, and the module itself is the root (its forward runs first)
+            base = self.base_llm
+            units = [*story_llm.decoder_layers(model), base.get_input_embeddings(), base.get_output_embeddings(),
+                     self.input_resampler, self.output_resampler]
+            sharding.shard(units, [self], self.device_mesh, self.fsdp)
 
     @property
     def base_llm(self) -> nn.Module:
@@ -203,6 +207,12 @@ class StoryMLLMModule(L.LightningModule):
         seq = build_story_sequences(batch["captions"], self.tokenizer, self.tokens, self.supervise, self.max_length)
         seq = _to_device(seq, self.device)
         self.dropped_steps += seq.dropped_steps
+        # one call through forward(): under FSDP the module is the root unit and must run first
+        logits, predicted, previous, target = self(seq, features, feature_index)
+        return StoryOutputs(seq, logits, predicted, target, previous)
+
+    def forward(self, seq: StorySequence, features: torch.Tensor, feature_index: torch.Tensor):
+        """Teacher-forced pass over a laid-out batch: logits, regressed, previous and true features."""
         base = self.base_llm
         embeds = base.get_input_embeddings()(seq.input_ids)
         width = embeds.shape[-1]
@@ -218,8 +228,7 @@ class StoryMLLMModule(L.LightningModule):
         target_rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
         prev_rows = feature_index[seq.target_frames[:, 0], (seq.target_frames[:, 1] - 1).clamp(min=0)]
         previous = features[prev_rows].float()
-        predicted = self.regress(queries.float(), previous)
-        return StoryOutputs(seq, logits, predicted, features[target_rows].float(), previous)
+        return logits, self.regress(queries.float(), previous), previous, features[target_rows].float()
 
     def regress(self, queries: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Features of the next frame from the hidden states at its Q generation slots."""

@@ -130,3 +130,13 @@ def test_fast_dev_run_through_train_py(tiny_world, tmp_path):
     ])
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     assert (tmp_path / "export" / "mllm.json").is_file() and (tmp_path / "export" / "llm" / "config.json").is_file()
+
+
+def test_residual_regression_starts_from_the_previous_frame(tiny_world, tokenizer_dir):  # noqa: F811
+    module = _module(tokenizer_dir, residual_features=True)
+    torch.nn.init.zeros_(module.output_resampler.proj_out.weight)
+    torch.nn.init.zeros_(module.output_resampler.proj_out.bias)
+    with torch.no_grad():
+        out = module.forward_story(_batch(tiny_world, n=2, max_images=3))
+    assert torch.allclose(out.predicted_features, out.previous_features)
+    assert not torch.allclose(out.previous_features, out.target_features)
