@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
+from pathlib import PurePath
 from typing import Any
 
 import lightning as L
@@ -13,19 +15,62 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def plain(value: Any) -> Any:
+    """Dataclasses, tuples and paths as dicts, lists and strings: what ``weights_only`` loading accepts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
+
+
 class RNGStateCallback(L.Callback):
     """Saves the Python, NumPy and torch RNG states in checkpoints and restores them on resume,
-    so noise, dropout and conditioning dropout continue exactly where the interrupted run was."""
+    so noise, dropout and conditioning dropout continue exactly where the interrupted run was.
+
+    It also turns the saved hyper-parameters into plain data, so that every checkpoint loads with
+    ``torch.load(..., weights_only=True)`` (no pickled classes).
+    """
 
     def state_dict(self) -> dict[str, Any]:
-        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        version, state, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "python": {"version": version, "state": list(state), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "torch": torch.get_rng_state(),
+        }
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        random.setstate(state_dict["python"])
-        np.random.set_state(state_dict["numpy"])
+        # applied right before the next training batch: between the restore and that batch,
+        # Lightning and the DataLoader draw from the global RNG (e.g. a new iterator's seed)
+        self._pending = state_dict or None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+
+    @staticmethod
+    def _restore(state_dict: dict[str, Any]) -> None:
+        py = state_dict["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+        npy = state_dict["numpy"]
+        np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
         torch.set_rng_state(state_dict["torch"])
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain(dict(checkpoint[key]))
 
 
 class NonFiniteGuard(L.Callback):

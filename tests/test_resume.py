@@ -36,8 +36,9 @@ def test_killed_run_resumes_with_the_same_steps_samples_and_losses(tiny_world, t
     assert whole.returncode == 0, whole.stderr[-2000:]
     crashed = _fit(tiny_world, tmp_path / "crash", [
         f"--trainer.callbacks+={{'class_path': 'tests.helpers.KillAtStep', 'init_args': {{'step': 5, 'signal_name': '{signal_name}'}}}}"])
-    assert crashed.returncode != 0  # really killed
-    before = _steps(tmp_path / "crash")
+    if signal_name == "SIGKILL":
+        assert crashed.returncode != 0  # really killed
+    before = _steps(tmp_path / "crash")  # SIGTERM: Lightning stops gracefully at the next step boundary
     assert [s["step"] for s in before] == [1, 2, 3, 4, 5]
     torch.load(tmp_path / "crash" / "ckpt" / "last.ckpt", weights_only=False)  # "last" is complete, not half written
     resumed = _fit(tiny_world, tmp_path / "crash", ["--ckpt_path", str(tmp_path / "crash" / "ckpt" / "last.ckpt")])
