@@ -130,6 +130,20 @@ def read_jsonl(path: Path, min_frames: int, skips: SkipCounter) -> list[StoryRec
     return records
 
 
+def caption_corpus(path: str | Path) -> list[str]:
+    """Every caption string of a jsonl file (tokenizer training); undecodable lines are passed over."""
+    captions: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                captions += [c for c in record.get("captions", []) if isinstance(c, str)]
+    return captions
+
+
 def check_image_file(path: str) -> str | None:
     """Cheap check made once at setup; returns a skip kind or None. Decoding is checked at load."""
     try:

@@ -34,9 +34,6 @@ from datamodules.records import SkipCounter, StoryRecord
 
 log = logging.getLogger(__name__)
 
-Split = Literal["train", "val", "test", "predict"]
-
-
 @dataclass
 class SyntheticWorld:
     """Where and how to make the synthetic world when the configured files are absent."""

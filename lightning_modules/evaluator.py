@@ -40,6 +40,7 @@ from transformers import (
 
 from datamodules.batch import batch_size
 from datamodules.images import CLIP_MEAN, CLIP_STD
+from datamodules.records import caption_corpus
 from datamodules.synthetic import BACKGROUND_NAMES, CHARACTER_NAMES
 from lightning_modules.components.schedules import optimizer_config
 
@@ -80,11 +81,7 @@ def make_evaluator_tokenizer(train_jsonl: str | Path, out_dir: str | Path, max_l
     out_dir = Path(out_dir)
     if (out_dir / "tokenizer.json").exists():
         return out_dir
-    captions: list[str] = []
-    with open(train_jsonl, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                captions += [c for c in json.loads(line).get("captions", []) if isinstance(c, str)]
+    captions = caption_corpus(train_jsonl)
     if not captions:
         raise ValueError(f"no captions in {train_jsonl} to train the evaluator tokenizer on")
     tokenizer = train_caption_word_tokenizer(captions, max_length)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from datamodules.storystream import StoryStreamDataModule
-from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings
 from lightning_modules.components.diffusion import NoiseSpec
+from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings
 from lightning_modules.detokenizer import DetokenizerModule
 from lightning_modules.detokenizer_adaptation import DetokenizerAdaptationModule
 from lightning_modules.story_mllm import save_mllm

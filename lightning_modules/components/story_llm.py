@@ -109,10 +109,6 @@ def add_lora(model: PreTrainedModel, lora: LoRASpec) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks (for FSDP wrapping and activation checkpointing)."""
     base = model

@@ -8,12 +8,13 @@ exactly ``Q + 2`` new tokens (66 at real scale).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from datamodules.records import caption_corpus
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,7 @@ def make_tiny_tokenizer(train_jsonl: str | Path, out_dir: str | Path, vocab_size
     out_dir = Path(out_dir)
     if (out_dir / "tokenizer.json").exists():
         return out_dir
-    captions = []
-    with open(train_jsonl, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            try:
-                captions += [c for c in json.loads(line).get("captions", []) if isinstance(c, str)]
-            except json.JSONDecodeError:
-                continue
+    captions = caption_corpus(train_jsonl)
     if not captions:
         raise ValueError(f"no captions found in {train_jsonl} to train the tiny tokenizer on")
     tokenizer = train_caption_tokenizer(captions, vocab_size)
