@@ -70,6 +70,7 @@ def cli_args(world: Path, root: Path, *extra: str) -> list[str]:
         f"--data.init_args.image_root={world / 'images'}",
         f"--data.init_args.synthetic.out={world}",
         f"--trainer.default_root_dir={root}",
+        f"--model.init_args.export_dir={root / 'export'}",  # never the user's runs/ folder
         *extra,
     ]
 
