@@ -1,11 +1,13 @@
 """Story generation cost per context policy: dense vs window (re-encode) vs attention sink.
 
     python bench/generation.py [--mllm-dir runs/tiny_stage2/export] [--detokenizer-dir runs/tiny_stage3/export]
-                               [--steps 50] [--draw-every 0]
+                               [--steps 50] [--draw]
 
 Generates one 50-step story per policy from the same start frame and prints, at steps 5, 10,
 25 and 50, the LLM time per step (caption decoding, image queries, context update; averaged
-over the three steps ending there), the KV-cache bytes and cached tokens. Image drawing is
+over the three steps ending there), the KV-cache bytes and cached tokens. Every caption is
+exactly 24 tokens (``min_new_tokens``), so each step does the same work and only the context
+policy differs. Image drawing is
 timed separately (``--draw``), since it does not depend on the policy. Without exports, a
 random tiny MLLM with the tiny config's shape is built (timing does not need trained weights).
 """
@@ -69,7 +71,7 @@ def main() -> None:
         rows = []
         for name, policy in policies.items():
             settings = GenerationSettings(steps=args.steps, context=policy, draw_images=args.draw, num_inference_steps=20,
-                                          decode=DecodeSettings(max_new_tokens=24))
+                                          decode=DecodeSettings(max_new_tokens=24, min_new_tokens=24))
             story = StoryGenerator(mllm, detok, settings).generate(batch["vit_pixels"][0, :1], batch["captions"][0][:1])
             steps = story.steps[1:]
             for k in REPORT_STEPS:

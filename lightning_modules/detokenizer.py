@@ -37,8 +37,10 @@ from lightning_modules.components.diffusion import (
     build_noise_scheduler,
     build_unet,
     diffusion_target,
+    draw_training_noise,
     load_codec,
     merged_unet_copy,
+    sample_key,
     sample_latents,
     select_trainable,
 )
@@ -197,9 +199,10 @@ class DetokenizerModule(L.LightningModule):
         n = batch_size(batch)
         if n == 0:
             return None
-        generator = None
-        if stage != "train":  # the same noise and timesteps every validation: comparable losses
-            generator = torch.Generator().manual_seed(self.sample_seed + int(batch["frame_index"].sum()))
+        # noise keyed by (step, frame): any world size or a resumed run draws the same; validation
+        # uses step -1, so every validation scores the same noise and timesteps
+        step = self.global_step if stage == "train" else -1
+        keys = [sample_key(self.sample_seed, step, s, int(f)) for s, f in zip(batch["story_id"], batch["frame_index"])]
         loss = self.denoising_loss(
             self.vision_encoder(batch["vit_pixels"]),
             batch["pixels"],
@@ -207,7 +210,7 @@ class DetokenizerModule(L.LightningModule):
             batch["crop_top_left"],
             batch["target_size"],
             train=stage == "train",
-            generator=generator,
+            noise_keys=keys,
         )
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=stage != "train")
         return loss
@@ -221,21 +224,26 @@ class DetokenizerModule(L.LightningModule):
         target_size: torch.Tensor,
         train: bool = True,
         generator: torch.Generator | None = None,
+        noise_keys: list[int] | None = None,
     ) -> torch.Tensor:
         """The diffusion loss of drawing ``pixels`` from ``features`` (real ViT or MLLM-regressed).
 
         In training, a ``cond_dropout`` share of the samples get the zero-image features instead.
+        Noise, timesteps and dropout come from ``noise_keys`` (one per sample, see
+        :func:`~lightning_modules.components.diffusion.draw_training_noise`) or from ``generator``.
         """
         n = features.shape[0]
-        if train and self.cond_dropout > 0:
-            features, dropped = condition_dropout(features, self.vision_encoder.null_features(), self.cond_dropout)
+        latents = self.codec.encode(pixels.to(self.dtype)).float()
+        p_drop = self.cond_dropout if train else 0.0
+        draw = draw_training_noise(tuple(latents.shape), self.noise_scheduler.config.num_train_timesteps, p_drop,
+                                   keys=noise_keys, generator=generator)
+        if p_drop > 0:
+            features, dropped = condition_dropout(features, self.vision_encoder.null_features(), p_drop, drop=draw.drop)
             if self._trainer is not None:  # not when stage 3 drives this module
                 self.log("train/cond_dropped", dropped.float().mean(), batch_size=n)
         time_ids = sdxl_time_ids(original_size, crop_top_left, target_size)
         cond = self.conditioning(features, time_ids)
-        latents = self.codec.encode(pixels.to(self.dtype)).float()
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
+        noise, t = draw.noise.to(latents.device), draw.timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = self.unet(noisy.to(self.dtype), t, **cond.unet_kwargs()).sample
         return F.mse_loss(pred.float(), diffusion_target(self.noise_scheduler, latents, noise, t))
@@ -345,8 +353,11 @@ class DetokenizerModule(L.LightningModule):
     # -- checkpoints and export ----------------------------------------------------------
 
     def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.save_detokenizer(self.export_dir)
+        sharding.export_at_fit_end(self, self.export_dir)
+
+    def export(self, directory: str | Path) -> Path:
+        """This stage's release format (what ``lightning_modules.consolidate`` writes too)."""
+        return self.save_detokenizer(directory)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:

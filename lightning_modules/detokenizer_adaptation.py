@@ -24,9 +24,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from datamodules.batch import batch_size
-from lightning_modules.components.diffusion import TrainUNet
+from lightning_modules.components import sharding
+from lightning_modules.components.diffusion import TrainUNet, sample_key
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sequence import Supervise
+from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.story_generator import GenerationSettings, Story, StoryGenerator
 from lightning_modules.components.storyboard import write_story
 from lightning_modules.detokenizer import DetokenizerModule, load_detokenizer
@@ -54,6 +56,8 @@ class DetokenizerAdaptationModule(L.LightningModule):
         inception_weights_path: local Inception weights for FID at real scale (else evaluator features).
         test_steps: ``test`` draws this many frames after each test story's first frame, from the
             true captions, and scores them against the true frames.
+        fsdp: sharding switches under ``ModelParallelStrategy``: the de-tokenizer's UNet blocks and
+            adapter are sharded; the frozen MLLM is placed on every rank (no gradients, no optimizer state).
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class DetokenizerAdaptationModule(L.LightningModule):
         evaluator_dir: str | None = None,
         inception_weights_path: str | None = None,
         test_steps: int = 9,
+        fsdp: FSDPSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ):
@@ -94,6 +99,7 @@ class DetokenizerAdaptationModule(L.LightningModule):
         self.evaluator_dir = evaluator_dir
         self.inception_weights_path = inception_weights_path
         self.test_steps = test_steps
+        self.fsdp = fsdp or FSDPSettings()
         self.story_metrics = None
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.detokenizer: DetokenizerModule | None = None
@@ -124,6 +130,9 @@ class DetokenizerAdaptationModule(L.LightningModule):
         mllm: StoryMLLMModule = load_mllm(self.mllm_dir)
         mllm.supervise = self.supervise
         self.mllm = mllm.to(self.device)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
+            detok = self.detokenizer
+            sharding.shard(sharding.unet_units(detok.unet) + [detok.adapter], [detok.unet], self.device_mesh, self.fsdp)
 
     # -- training -------------------------------------------------------------------------
 
@@ -147,6 +156,9 @@ class DetokenizerAdaptationModule(L.LightningModule):
         if batch_size(batch) == 0:
             return None
         features, frames = self.regressed_features(batch)
+        step = self.global_step if stage == "train" else -1  # keyed noise: see DetokenizerModule._shared_step
+        keys = [sample_key(self.detokenizer.sample_seed, step, batch["story_id"][row], int(batch["frame_index"][row, col]))
+                for row, col in frames.tolist()]
         loss = self.detokenizer.denoising_loss(
             features,
             self._frames(batch, frames, "pixels"),
@@ -154,6 +166,7 @@ class DetokenizerAdaptationModule(L.LightningModule):
             self._frames(batch, frames, "crop_top_left"),
             self._frames(batch, frames, "target_size"),
             train=stage == "train",
+            noise_keys=keys,
         )
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=len(frames), sync_dist=stage != "train")
         return loss
@@ -186,8 +199,11 @@ class DetokenizerAdaptationModule(L.LightningModule):
         return optimizer_config(self.detokenizer.trainable_parameters(), self.optimizer_factory, self.scheduler_factory)
 
     def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.detokenizer.save_detokenizer(self.export_dir)
+        sharding.export_at_fit_end(self, self.export_dir)
+
+    def export(self, directory: str | Path) -> Path:
+        """The adapted de-tokenizer, in stage 1's format (generation loads it the same way)."""
+        return self.detokenizer.save_detokenizer(directory)
 
     # -- generation ------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from datamodules.batch import batch_size
 from datamodules.images import CLIP_MEAN, CLIP_STD
 from datamodules.records import caption_corpus
 from datamodules.synthetic import BACKGROUND_NAMES, CHARACTER_NAMES
+from lightning_modules.components import sharding
 from lightning_modules.components.schedules import optimizer_config
 
 log = logging.getLogger(__name__)
@@ -479,5 +480,7 @@ class EvaluatorModule(L.LightningModule):
         return optimizer_config(self.parameters(), self.optimizer_factory, self.scheduler_factory)
 
     def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            save_evaluator(self.net, self.export_dir)
+        sharding.export_at_fit_end(self, self.export_dir)
+
+    def export(self, directory: str | Path) -> Path:
+        return save_evaluator(self.net, directory)

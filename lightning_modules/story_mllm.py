@@ -283,8 +283,11 @@ class StoryMLLMModule(L.LightningModule):
         return optimizer_config(self.trainable_parameters(), self.optimizer_factory, self.scheduler_factory)
 
     def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            save_mllm(self, self.export_dir)
+        sharding.export_at_fit_end(self, self.export_dir)
+
+    def export(self, directory: str | Path) -> Path:
+        """peft adapter (or full LLM), resamplers as safetensors, tokenizer and ``mllm.json``."""
+        return save_mllm(self, directory)
 
     # -- checkpoints: the frozen tower is rebuilt, never stored -------------------------------
 

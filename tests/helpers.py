@@ -65,7 +65,10 @@ class KillAtStep(L.Callback):
 
 
 class StepLog(L.Callback):
-    """Appends (global step, loss, story ids) of every training batch to a jsonl file, flushed each line."""
+    """Appends (global step, loss, story ids) of every training batch to a jsonl file, flushed each line.
+
+    A ``{rank}`` in ``path`` gives each process its own file.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -74,5 +77,5 @@ class StepLog(L.Callback):
         loss = outputs["loss"].item() if isinstance(outputs, dict) else float(outputs)
         line = {"step": trainer.global_step, "loss": loss, "ids": list(batch["story_id"]),
                 "frames": batch["frame_index"].tolist()}
-        with open(self.path, "a") as handle:
+        with open(self.path.format(rank=trainer.global_rank), "a") as handle:
             handle.write(json.dumps(line) + "\n")

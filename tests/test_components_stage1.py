@@ -114,3 +114,17 @@ def test_reconstruction_metrics_order_good_and_bad_reconstructions():
     assert noisy["ssim"] < 0.99
     assert 10 < noisy["psnr"] < 30
     assert metrics.state_dict() == {}  # the LPIPS net is not checkpointed
+
+
+def test_keyed_training_noise_does_not_depend_on_the_batch_it_is_in():
+    from lightning_modules.components.diffusion import draw_training_noise, sample_key
+
+    keys = [sample_key(0, 7, story, frame) for story, frame in [("a", 1), ("b", 2), ("c", 3), ("d", 4)]]
+    whole = draw_training_noise((4, 3, 8, 8), 1000, 0.5, keys=keys)
+    halves = [draw_training_noise((2, 3, 8, 8), 1000, 0.5, keys=keys[i : i + 2]) for i in (0, 2)]
+    assert torch.equal(whole.noise, torch.cat([h.noise for h in halves]))
+    assert torch.equal(whole.timesteps, torch.cat([h.timesteps for h in halves]))
+    assert torch.equal(whole.drop, torch.cat([h.drop for h in halves]))
+    other_step = draw_training_noise((4, 3, 8, 8), 1000, 0.5, keys=[sample_key(0, 8, s, f) for s, f in [("a", 1), ("b", 2), ("c", 3), ("d", 4)]])
+    assert not torch.equal(whole.noise, other_step.noise)
+    assert 0.0 < float(whole.noise.std()) and whole.timesteps.min() >= 0 and whole.timesteps.max() < 1000

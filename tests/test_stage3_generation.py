@@ -123,3 +123,29 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
         assert all((folder / f).is_file() for f in record["frames"])
         html = (folder / "storyboard.html").read_text()
         assert html.count("data:image/png;base64,") == 3 and "timings" in record
+
+
+def test_min_new_tokens_holds_back_the_stop_tokens():
+    from lightning_modules.components.caption_decoding import DecodeSettings, pick_token
+
+    logits = torch.tensor([0.0, 5.0, 1.0, 2.0])
+    assert pick_token(logits, DecodeSettings()) == 1
+    assert pick_token(logits, DecodeSettings(), banned=(1,)) == 3
+    sampled = {pick_token(logits, DecodeSettings(temperature=1.0), torch.Generator().manual_seed(s), banned=(1, 3)) for s in range(20)}
+    assert sampled <= {0, 2}
+
+
+def test_every_caption_has_min_new_tokens(tiny_world, exports):
+    import dataclasses
+
+    from lightning_modules.components.caption_decoding import DecodeSettings
+
+    module = _stage3(exports).eval()
+    tokens = module.mllm.tokens
+    batch = _stories_batch(tiny_world, n=1, frames=2)
+    settings = dataclasses.replace(FAST, draw_images=False, context=ContextPolicy(mode="dense"),
+                                   decode=DecodeSettings(max_new_tokens=6, min_new_tokens=6))
+    story = module.story_generator(settings).generate(batch["vit_pixels"][0, :1], batch["captions"][0][:1])
+    cached = [s.cached_tokens for s in story.steps[1:]]
+    per_step = len(tokens.separator) + 6 + 1 + len(tokens.slots) + 1  # sep, caption, <img>, slots, </img>
+    assert [b - a for a, b in zip(cached, cached[1:])] == [per_step] * (len(cached) - 1)

@@ -7,6 +7,7 @@ pass, then one token at a time with the LLM's KV cache.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +19,21 @@ from lightning_modules.components.sequence import build_prompt
 @dataclass
 class DecodeSettings:
     max_new_tokens: int = 40
+    min_new_tokens: int = 0  # stop tokens are masked until this many (benchmarks: fixed work per step)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
 
 
-def pick_token(logits: torch.Tensor, settings: DecodeSettings, generator: torch.Generator | None = None) -> int:
-    """Greedy, or temperature + nucleus sampling (reproducible with ``generator``)."""
+def pick_token(
+    logits: torch.Tensor,
+    settings: DecodeSettings,
+    generator: torch.Generator | None = None,
+    banned: Collection[int] = (),
+) -> int:
+    """Greedy, or temperature + nucleus sampling (reproducible with ``generator``); never a ``banned`` id."""
+    if banned:
+        logits = logits.clone()
+        logits[list(banned)] = float("-inf")
     if settings.temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
@@ -78,7 +88,8 @@ def decode_next_caption_ids(
     generated: list[int] = []
     stop = {tokens.img_start, tokens.eos}
     for _ in range(settings.max_new_tokens):
-        token = pick_token(base.lm_head(out.last_hidden_state[0, -1]), settings, generator)
+        banned = stop if len(generated) < settings.min_new_tokens else ()
+        token = pick_token(base.lm_head(out.last_hidden_state[0, -1]), settings, generator, banned)
         if token in stop:
             break
         generated.append(token)

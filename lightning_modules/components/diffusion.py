@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,52 @@ def build_noise_scheduler(spec: NoiseSpec) -> DDPMScheduler:
         timestep_spacing=spec.timestep_spacing,
         steps_offset=spec.steps_offset,
         clip_sample=False,
+    )
+
+
+@dataclass
+class TrainingDraw:
+    """The random choices of one diffusion training step, per sample."""
+
+    noise: torch.Tensor  # like the latents
+    timesteps: torch.Tensor  # (B,) int64
+    drop: torch.Tensor  # (B,) bool: conditioning replaced by the zero-image features
+
+
+def sample_key(seed: int, step: int, story_id: str, frame: int) -> int:
+    """A stable integer naming one sample at one step (the seed of its noise, timestep and dropout)."""
+    return zlib.crc32(f"{seed}:{step}:{story_id}:{frame}".encode())
+
+
+def draw_training_noise(
+    shape: tuple[int, ...],
+    num_timesteps: int,
+    drop_probability: float,
+    keys: list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> TrainingDraw:
+    """Noise, timesteps and dropout for a batch of ``shape`` latents.
+
+    With ``keys`` (one per sample, e.g. :func:`sample_key` of step and frame), each sample's draw
+    comes from its own generator: the same sample at the same step gets the same noise whatever
+    the batch it is in, so a run on 2 ranks or resumed from a checkpoint takes exactly the steps of
+    a single uninterrupted run. Without keys, one ``generator`` (or the global RNG) serves all.
+    """
+    if keys is None:
+        noise = torch.randn(shape, generator=generator)
+        timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=generator)
+        drop = torch.rand(shape[0], generator=generator) < drop_probability
+        return TrainingDraw(noise, timesteps, drop)
+    if len(keys) != shape[0]:
+        raise ValueError(f"{len(keys)} noise keys for {shape[0]} samples")
+    draws = []
+    for key in keys:
+        g = torch.Generator().manual_seed(int(key))
+        draws.append((torch.randn(shape[1:], generator=g), torch.randint(0, num_timesteps, (1,), generator=g), torch.rand(1, generator=g)))
+    return TrainingDraw(
+        torch.stack([d[0] for d in draws]),
+        torch.cat([d[1] for d in draws]),
+        torch.cat([d[2] for d in draws]) < drop_probability,
     )
 
 

@@ -75,15 +75,21 @@ def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, targ
 
 
 def condition_dropout(
-    features: torch.Tensor, null_features: torch.Tensor, p: float, generator: torch.Generator | None = None
+    features: torch.Tensor,
+    null_features: torch.Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+    drop: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each sample's features by ``null_features`` with probability ``p``.
 
     Training on the zero-image features as the "no condition" input is what makes the same
     features usable as the unconditional branch of classifier-free guidance at sampling time.
-    Returns the features and the boolean drop mask (B,).
+    A precomputed ``drop`` mask (B,) replaces the draw. Returns the features and the drop mask.
     """
-    drop = torch.rand(features.shape[0], generator=generator, device=features.device) < p
+    if drop is None:
+        drop = torch.rand(features.shape[0], generator=generator, device=features.device) < p
+    drop = drop.to(features.device)
     if not drop.any():
         return features, drop
     null = null_features.to(features.dtype).expand_as(features)

@@ -54,3 +54,24 @@ def shard(units: list[nn.Module], roots: list[nn.Module], mesh, settings: FSDPSe
 def unet_units(unet: nn.Module) -> list[nn.Module]:
     """UNet FSDP units: every transformer block and resnet block (what holds the parameters)."""
     return [m for m in unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")]
+
+
+def export_at_fit_end(module, export_dir: str | None) -> None:
+    """Write ``module.export(export_dir)`` on rank zero; a sharded run says how to consolidate instead.
+
+    Under FSDP each rank holds only shards, so the export is made from the last (sharded)
+    checkpoint by ``python -m lightning_modules.consolidate`` (which gathers it on CPU).
+    """
+    if not export_dir:
+        return
+    trainer = module.trainer
+    if getattr(module, "device_mesh", None) is not None:
+        if trainer.is_global_zero:
+            log.warning(
+                "sharded run: no export written at the end of fit. Make it from the last checkpoint with\n"
+                "  python -m lightning_modules.consolidate --config <this run's config(s)> --checkpoint %s --out %s",
+                getattr(trainer.checkpoint_callback, "last_model_path", None) or "<checkpoint>", export_dir,
+            )
+        return
+    if trainer.is_global_zero:
+        module.export(export_dir)

@@ -218,9 +218,11 @@ class StoryGenerator:
         else:
             ids = []
             head = mllm.base_llm.lm_head
+            stop = (tokens.img_start, tokens.eos)
             for _ in range(self.settings.decode.max_new_tokens):
-                token = pick_token(head(hidden[-1]), self.settings.decode, generator)
-                if token in (tokens.img_start, tokens.eos):
+                banned = stop if len(ids) < self.settings.decode.min_new_tokens else ()
+                token = pick_token(head(hidden[-1]), self.settings.decode, generator, banned)
+                if token in stop:
                     break
                 ids.append(token)
                 hidden = context.feed_ids([token])
