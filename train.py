@@ -3,18 +3,28 @@
 A LightningCLI in subclass mode: the YAML names the LightningModule and DataModule classes
 (``model.class_path``, ``data.class_path``), so one entry serves all three stages. The merged
 config is saved next to the run's logs, and everything is seeded (``seed_everything``).
+Checkpoints without an explicit ``dirpath`` go to ``<default_root_dir>/checkpoints`` with a
+``last.ckpt``, so ``python train.py fit --config X --ckpt_path last`` resumes an interrupted run.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from callbacks.data_health import DataHealthCallback
-from callbacks.resilience import NonFiniteGuard, RNGStateCallback
+from callbacks.resilience import NonFiniteGuard, RNGStateCallback, resumable_checkpoints
 
 
 class StoryCLI(LightningCLI):
-    """LightningCLI with the project's fixed callbacks."""
+    """LightningCLI with the project's fixed callbacks and resumable checkpoint folders."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        resumable_checkpoints(trainer)
+        return trainer
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> StoryCLI:

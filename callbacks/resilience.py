@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any
 
 import lightning as L
@@ -110,3 +110,19 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = state_dict.get("skipped", 0)
+
+
+def resumable_checkpoints(trainer: L.Trainer) -> None:
+    """Make ``--ckpt_path last`` find the previous run's checkpoint.
+
+    Lightning's default folder is inside the logger's version folder, which changes every run,
+    and it keeps no ``last.ckpt``. Every ``ModelCheckpoint`` without an explicit ``dirpath``
+    writes to ``<default_root_dir>/checkpoints`` instead, and keeps ``last.ckpt`` unless told not to.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+            if callback.save_last is None:
+                callback.save_last = True

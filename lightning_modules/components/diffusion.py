@@ -46,6 +46,7 @@ class UNetSpec:
     subfolder: str = "unet"
     config: dict[str, Any] | str | None = None
     meta_init: bool = False
+    init_seed: int = 0  # random init from ``config`` under this seed: the same weights on any rank count
 
 
 def load_unet_config(config: dict[str, Any] | str) -> dict[str, Any]:
@@ -67,7 +68,8 @@ def build_unet(spec: UNetSpec, cross_attention_dim: int, pooled_dim: int) -> UNe
         else:
             config = load_unet_config(spec.config)
         config = _fit_conditioning(config, cross_attention_dim, pooled_dim)
-        with torch.device("meta") if spec.meta_init else contextlib.nullcontext():
+        with torch.device("meta") if spec.meta_init else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
             unet = UNet2DConditionModel.from_config(config)
     _check_conditioning(unet.config, cross_attention_dim, pooled_dim)
     return unet
