@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = ROOT / "runs/tiny_stories/metrics.json"
     print("\nwhere things are:")
     print(f"  storyboards      {ROOT / 'runs/tiny_stories'}/story_*/storyboard.html")
-    print(f"  checkpoints      {ROOT / 'runs'}/tiny_*/lightning_logs/version_*/checkpoints/")
+    print(f"  checkpoints      {ROOT / 'runs'}/tiny_*/checkpoints/  (resume: train.py fit --config ... --ckpt_path last)")
     print(f"  exports          {ROOT / 'runs'}/tiny_*/export/")
     print(f"  metrics.json     {metrics}")
     print(f"  W&B offline runs {ROOT / 'runs'}/tiny_*/wandb/offline-run-*  (upload later with `wandb sync <dir>`)")

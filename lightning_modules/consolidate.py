@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -68,7 +69,7 @@ def build_module(configs: list[str], overrides: list[str]):
     # a single-device trainer, whatever strategy the configs name: nothing is sharded here
     args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.num_nodes=1",
              "--trainer.logger=false", "--trainer.precision=32-true", *overrides]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(sys, "argv", sys.argv[:1]):  # args only from here
         cli = cli_main([*args, f"--trainer.default_root_dir={tmp}"], run=False)
     module = cli.model
     module.configure_model()
