@@ -69,11 +69,12 @@ class SampleStoryCallback(L.Callback):
                 story = pl_module.generate_story(start["vit_pixels"][:k], start["captions"][:k], start["pixels"][:k],
                                                  given_captions=given, settings=settings)
                 stories.append((str(start["story_id"]), mode, story))
-        if trainer.is_global_zero:
-            self._write(trainer, stories)
-
-    def _write(self, trainer: L.Trainer, stories: list[tuple[str, str, Story]]) -> None:
+        # every rank asks: under a distributed strategy, trainer.log_dir is a broadcast (a collective)
         folder = run_dir(trainer) / "samples" / f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:06d}"
+        if trainer.is_global_zero:
+            self._write(trainer, stories, folder)
+
+    def _write(self, trainer: L.Trainer, stories: list[tuple[str, str, Story]], folder: Path) -> None:
         for story_id, mode, story in stories:
             write_story(folder / f"story_{story_id}_{mode}", f"story {story_id} ({mode}, step {trainer.global_step})",
                         story.captions, [s.image for s in story.steps], [s.given for s in story.steps], story.summary())

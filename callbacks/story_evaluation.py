@@ -36,6 +36,21 @@ def score_story(pl_module, metrics: StoryMetrics, frames: dict[str, Any], start_
                    [frames["story_id"]] * n)
 
 
+def _load(dataset, index: int, steps: int) -> dict[str, Any] | None:
+    try:
+        return dataset.load_frames(index, range(1 + steps))
+    except UnreadableImage as err:
+        log.warning("story metrics: val story %d is unreadable, not scored: %s", index, err)
+        return None
+
+
+def rank_share(total: int, rank: int, world_size: int) -> list[int]:
+    """Story indices ``rank`` scores: ``rank, rank + world_size, ...``, padded with -1 so that every
+    rank gets ``ceil(total / world_size)`` entries."""
+    mine = list(range(rank, total, world_size))
+    return mine + [-1] * (-(-total // world_size) - len(mine))
+
+
 def metric_table(scores: dict[str, float]) -> str:
     return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in sorted(scores.items()))])
 
@@ -72,15 +87,19 @@ class StoryMetricsCallback(L.Callback):
             return
         settings = dataclasses.replace(pl_module.generation, steps=self.steps)
         dataset = trainer.datamodule.datasets["val"]
-        indices = range(trainer.global_rank, min(self.num_stories, len(dataset.stories)), trainer.world_size)
+        total = min(self.num_stories, len(dataset.stories))
         self.metrics.to(pl_module.device)
-        for index in indices:
-            try:
-                frames = dataset.load_frames(index, range(1 + self.steps))
-            except UnreadableImage as err:
-                log.warning("story metrics: skipping val story %d: %s", index, err)
+        # every rank runs the same number of generations: a sharded model needs all ranks in each
+        # forward pass, so a rank without a story of its own draws story 0 again and scores nothing
+        for index in rank_share(total, trainer.global_rank, trainer.world_size):
+            frames = _load(dataset, index, self.steps) if index >= 0 else None
+            if frames is not None:
+                score_story(pl_module, self.metrics, frames, settings=settings)
                 continue
-            score_story(pl_module, self.metrics, frames, settings=settings)
+            filler = _load(dataset, 0, self.steps)  # padding, or an unreadable story: draw, do not score
+            if filler is not None:
+                pl_module.generate_story(filler["vit_pixels"][:1], filler["captions"][:1],
+                                         given_captions=filler["captions"][1:], settings=settings)
         scores = self.metrics.compute()
         self.metrics.reset()
         for name, value in scores.items():

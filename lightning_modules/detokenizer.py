@@ -236,7 +236,8 @@ class DetokenizerModule(L.LightningModule):
         latents = self.codec.encode(pixels.to(self.dtype)).float()
         p_drop = self.cond_dropout if train else 0.0
         draw = draw_training_noise(tuple(latents.shape), self.noise_scheduler.config.num_train_timesteps, p_drop,
-                                   keys=noise_keys, generator=generator)
+                                   keys=noise_keys, generator=generator,
+                                   high_noise_fraction=self.noise_spec.high_noise_fraction if train else 0.0)
         if p_drop > 0:
             features, dropped = condition_dropout(features, self.vision_encoder.null_features(), p_drop, drop=draw.drop)
             if self._trainer is not None:  # not when stage 3 drives this module

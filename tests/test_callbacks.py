@@ -97,3 +97,45 @@ def test_stage3_run_logs_stories_and_metrics_to_offline_wandb(tiny_world, export
     # the same stories as files in the run directory, for anyone without W&B
     boards = list(Path(cli.trainer.log_dir or tmp_path).rglob("storyboard.html"))
     assert len(boards) == 2 and (tmp_path / "export" / "detokenizer.json").is_file()
+
+
+def _validate_with_callbacks(world, exports, evaluator_dir, out, extra):  # noqa: F811
+    import csv
+    import subprocess
+    import sys
+
+    metrics_cb = {"class_path": "callbacks.story_evaluation.StoryMetricsCallback",
+                  "init_args": {"evaluator_dir": str(evaluator_dir), "num_stories": 3, "steps": 2}}
+    samples_cb = {"class_path": "callbacks.sample_stories.SampleStoryCallback", "init_args": {"num_stories": 1, "steps": 2}}
+    cmd = [sys.executable, "train.py", "validate", "--config", "configs/tiny/stage3_adaptation.yaml", *extra,
+           f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
+           "--model.init_args.generation.num_inference_steps=2", "--model.init_args.val_images=0",
+           "--model.init_args.evaluator_dir=null",
+           # 16 train stories as the val split: 3 stories over 2 ranks is an uneven share
+           f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'train.jsonl'}",
+           f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
+           "--data.init_args.vit_image_size=32", "--data.init_args.synthetic=null", "--data.init_args.max_images=3",
+           "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={out}",
+           f"--trainer.callbacks={json.dumps([metrics_cb, samples_cb])}",
+           f"--trainer.logger={{'class_path': 'lightning.pytorch.loggers.CSVLogger', 'init_args': {{'save_dir': '{out}'}}}}"]
+    done = subprocess.run(cmd, timeout=900, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("val/") and v}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_story_callbacks_under_fsdp_generate_on_every_rank_and_match_one_process(tiny_world, exports, evaluator_dir, tmp_path):  # noqa: F811
+    single = _validate_with_callbacks(tiny_world, exports, evaluator_dir, tmp_path / "single", [])
+    sharded = _validate_with_callbacks(tiny_world, exports, evaluator_dir, tmp_path / "fsdp",
+                                       ["--config", "configs/trainer/fsdp_cpu.yaml"])
+    names = ("val/clip_i", "val/clip_t", "val/character_f1", "val/frame_accuracy", "val/background_accuracy",
+             "val/story_consistency", "val/fid_evaluator")
+    for name in names:
+        assert name in single and name in sharded, (name, sorted(single), sorted(sharded))
+        # the same 3 stories, split 2 + 1 (+ 1 padding generation) across the ranks, synced
+        assert abs(single[name] - sharded[name]) < 1e-3 * max(1.0, abs(single[name])), (name, single, sharded)
+    # rank zero alone wrote the sample stories
+    boards = list((tmp_path / "fsdp").rglob("storyboard.html"))
+    assert len(boards) == 2  # 1 story x (continuation, visualization)

@@ -211,6 +211,9 @@ class NoiseSpec:
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     timestep_spacing: str = "leading"  # used by the sampler
     steps_offset: int = 1
+    # share of training samples whose timestep comes from the noisiest tenth of the schedule, where
+    # only the conditioning can tell what the image is: trains the features -> image path harder
+    high_noise_fraction: float = 0.0
 
 
 def build_noise_scheduler(spec: NoiseSpec) -> DDPMScheduler:
@@ -246,6 +249,7 @@ def draw_training_noise(
     drop_probability: float,
     keys: list[int] | None = None,
     generator: torch.Generator | None = None,
+    high_noise_fraction: float = 0.0,
 ) -> TrainingDraw:
     """Noise, timesteps and dropout for a batch of ``shape`` latents.
 
@@ -253,23 +257,23 @@ def draw_training_noise(
     comes from its own generator: the same sample at the same step gets the same noise whatever
     the batch it is in, so a run on 2 ranks or resumed from a checkpoint takes exactly the steps of
     a single uninterrupted run. Without keys, one ``generator`` (or the global RNG) serves all.
+    A ``high_noise_fraction`` of the timesteps come from the top tenth of the schedule.
     """
+
+    def draw(n: int, g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        noise = torch.randn((n, *shape[1:]), generator=g)
+        uniform = torch.randint(0, num_timesteps, (n,), generator=g)
+        high = torch.randint(num_timesteps - max(1, num_timesteps // 10), num_timesteps, (n,), generator=g)
+        pick_high = torch.rand(n, generator=g) < high_noise_fraction
+        drop = torch.rand(n, generator=g) < drop_probability
+        return noise, torch.where(pick_high, high, uniform), drop
+
     if keys is None:
-        noise = torch.randn(shape, generator=generator)
-        timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=generator)
-        drop = torch.rand(shape[0], generator=generator) < drop_probability
-        return TrainingDraw(noise, timesteps, drop)
+        return TrainingDraw(*draw(shape[0], generator))
     if len(keys) != shape[0]:
         raise ValueError(f"{len(keys)} noise keys for {shape[0]} samples")
-    draws = []
-    for key in keys:
-        g = torch.Generator().manual_seed(int(key))
-        draws.append((torch.randn(shape[1:], generator=g), torch.randint(0, num_timesteps, (1,), generator=g), torch.rand(1, generator=g)))
-    return TrainingDraw(
-        torch.stack([d[0] for d in draws]),
-        torch.cat([d[1] for d in draws]),
-        torch.cat([d[2] for d in draws]) < drop_probability,
-    )
+    draws = [draw(1, torch.Generator().manual_seed(int(key))) for key in keys]
+    return TrainingDraw(*(torch.cat(parts) for parts in zip(*draws)))
 
 
 def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
