@@ -43,6 +43,7 @@ from lightning_modules.components.diffusion import (
     sample_key,
     sample_latents,
     select_trainable,
+    unet_input,
 )
 from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.schedules import optimizer_config
@@ -90,6 +91,8 @@ class DetokenizerModule(L.LightningModule):
         vae_path: local diffusers folder with a ``vae`` subfolder; ``None`` diffuses pixels.
         pixel_patch: without a VAE, pixels are folded ``p x p`` into channels (lossless) so the
             UNet runs at 1/p resolution; the UNet's in/out channels must be ``3 p^2``.
+        position_channels: fixed sin/cos position maps appended to the UNet input (its
+            ``in_channels`` = latent channels + this; 0 at real scale, where SD-XL's UNet is as released).
         noise: the DDPM training schedule and prediction type.
         train_unet: what of the UNet trains: ``none`` (adapter only), ``kv`` (+ every attention's
             ``to_k``/``to_v``, SEED-Story's default), ``lora`` (+ PEFT LoRA) or ``full``.
@@ -111,6 +114,7 @@ class DetokenizerModule(L.LightningModule):
         unet: UNetSpec | None = None,
         vae_path: str | None = None,
         pixel_patch: int = 4,
+        position_channels: int = 0,
         noise: NoiseSpec | None = None,
         train_unet: TrainUNet = "kv",
         lora_rank: int = 8,
@@ -136,6 +140,7 @@ class DetokenizerModule(L.LightningModule):
         self.noise_spec = noise or NoiseSpec()
         self.vae_path = vae_path
         self.pixel_patch = pixel_patch
+        self.position_channels = position_channels
         self.train_unet = train_unet
         self.lora_rank = lora_rank
         self.cond_dropout = cond_dropout
@@ -179,6 +184,13 @@ class DetokenizerModule(L.LightningModule):
         log.info("UNet: %d trainable tensors (train_unet=%s)", len(trainable), self.train_unet)
         if not self.unet_spec.meta_init:
             self.codec = load_codec(self.vae_path, pixel_patch=self.pixel_patch)
+            want_in, want_out = self.codec.channels + self.position_channels, self.codec.channels
+            if (self.unet.config.in_channels, self.unet.config.out_channels) != (want_in, want_out):
+                raise ValueError(
+                    f"the UNet takes {self.unet.config.in_channels} and gives {self.unet.config.out_channels} channels, but "
+                    f"the codec has {self.codec.channels} latent channels and position_channels={self.position_channels}: "
+                    f"set unet in_channels={want_in} and out_channels={want_out}"
+                )
             if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
                 sharding.shard(sharding.unet_units(self.unet) + [self.adapter], [self.unet], self.device_mesh, self.fsdp)
             if self.ema_decay is not None:
@@ -246,7 +258,7 @@ class DetokenizerModule(L.LightningModule):
         cond = self.conditioning(features, time_ids)
         noise, t = draw.noise.to(latents.device), draw.timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy.to(self.dtype), t, **cond.unet_kwargs()).sample
+        pred = self.unet(unet_input(noisy.to(self.dtype), self.position_channels), t, **cond.unet_kwargs()).sample
         return F.mse_loss(pred.float(), diffusion_target(self.noise_scheduler, latents, noise, t))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -336,6 +348,7 @@ class DetokenizerModule(L.LightningModule):
             num_inference_steps or self.num_inference_steps,
             guidance,
             generator,
+            self.position_channels,
         )
         return self.codec.decode(latents.to(self.dtype)).float().clamp(-1, 1)
 
@@ -378,6 +391,7 @@ class DetokenizerModule(L.LightningModule):
             "noise_scheduler": dict(self.noise_scheduler.config),
             "vae_path": self.vae_path,
             "pixel_patch": self.pixel_patch,
+            "position_channels": self.position_channels,
             "sampling": {"scheduler": "EulerDiscreteScheduler", "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale},
         }
 
@@ -407,6 +421,7 @@ class DetokenizerModule(L.LightningModule):
             unet=UNetSpec(path=str(directory), subfolder="unet"),
             vae_path=spec["vae_path"],
             pixel_patch=spec["pixel_patch"],
+            position_channels=spec.get("position_channels", 0),
             noise=NoiseSpec(**spec["noise"]),
             train_unet="none",
             num_inference_steps=spec["sampling"]["num_inference_steps"],

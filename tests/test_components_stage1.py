@@ -128,3 +128,33 @@ def test_keyed_training_noise_does_not_depend_on_the_batch_it_is_in():
     other_step = draw_training_noise((4, 3, 8, 8), 1000, 0.5, keys=[sample_key(0, 8, s, f) for s, f in [("a", 1), ("b", 2), ("c", 3), ("d", 4)]])
     assert not torch.equal(whole.noise, other_step.noise)
     assert 0.0 < float(whole.noise.std()) and whole.timesteps.min() >= 0 and whole.timesteps.max() < 1000
+
+
+def test_position_grid_tells_every_location_apart_and_is_appended_to_the_unet_input():
+    from lightning_modules.components.diffusion import position_grid, unet_input
+
+    grid = position_grid(8, 16, 16)
+    assert grid.shape == (8, 16, 16) and grid.abs().max() <= 1
+    codes = grid.flatten(1).T  # (256 locations, 8)
+    assert torch.cdist(codes, codes).add(torch.eye(256) * 10).min() > 1e-3  # no two locations share a code
+    latents = torch.randn(2, 48, 16, 16)
+    assert unet_input(latents, 0) is latents
+    stacked = unet_input(latents, 8)
+    assert stacked.shape == (2, 56, 16, 16) and torch.equal(stacked[:, :48], latents) and torch.equal(stacked[1, 48:], grid)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        position_grid(6, 4, 4)
+
+
+def test_perceiver_queries_from_input_keep_the_token_order():
+    from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
+
+    torch.manual_seed(0)
+    resampler = PerceiverResampler(PerceiverConfig(input_dim=8, dim=16, depth=0, num_queries=6, output_dim=8,
+                                                   queries_from_input=True))
+    x = torch.randn(1, 6, 8)
+    y = x.clone()
+    y[0, 4] += 1.0
+    changed = (resampler(x) - resampler(y)).abs().sum(-1)[0]
+    assert changed[4] > 0 and torch.all(changed[[0, 1, 2, 3, 5]] == 0)
+    with pytest.raises(ValueError, match="num_queries == input tokens"):
+        resampler(torch.randn(1, 5, 8))

@@ -284,6 +284,30 @@ def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: tor
     return noise
 
 
+def position_grid(channels: int, height: int, width: int) -> torch.Tensor:
+    """(channels, H, W) fixed 2D sin/cos maps of the pixel position (a quarter each: sin x, cos x, sin y, cos y).
+
+    Concatenated to the UNet input (like SD inpainting's extra input channels), they tell every
+    location where it is even at pure noise, which a small UNet trained briefly cannot infer
+    from padding alone; cross-attention can then fetch the spatially matching feature tokens.
+    """
+    if channels % 4:
+        raise ValueError(f"position_channels must be a multiple of 4, got {channels}")
+    freqs = 2.0 ** torch.arange(channels // 4) * (torch.pi / 2)  # the lowest is monotonic over [-1, 1]: no two places alike
+    ys = torch.linspace(-1, 1, height)[None, :, None] * freqs[:, None, None]
+    xs = torch.linspace(-1, 1, width)[None, None, :] * freqs[:, None, None]
+    shape = (channels // 4, height, width)
+    return torch.cat([xs.sin().expand(shape), xs.cos().expand(shape), ys.sin().expand(shape), ys.cos().expand(shape)])
+
+
+def unet_input(latents: torch.Tensor, position_channels: int) -> torch.Tensor:
+    """The latents, with ``position_channels`` of :func:`position_grid` appended (none: unchanged)."""
+    if position_channels == 0:
+        return latents
+    grid = position_grid(position_channels, *latents.shape[-2:]).to(latents.device, latents.dtype)
+    return torch.cat([latents, grid.expand(latents.shape[0], -1, -1, -1)], dim=1)
+
+
 @torch.no_grad()
 def sample_latents(
     unet: UNet2DConditionModel,
@@ -294,6 +318,7 @@ def sample_latents(
     num_inference_steps: int,
     guidance_scale: float,
     generator: torch.Generator | None = None,
+    position_channels: int = 0,
 ) -> torch.Tensor:
     """Euler (or any diffusers scheduler) sampling with classifier-free guidance.
 
@@ -309,7 +334,7 @@ def sample_latents(
     for t in scheduler.timesteps:
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t).to(dtype)
-        out = unet(model_in, t, **both.unet_kwargs()).sample.float()
+        out = unet(unet_input(model_in, position_channels), t, **both.unet_kwargs()).sample.float()
         if guided:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)

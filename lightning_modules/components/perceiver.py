@@ -26,6 +26,9 @@ class PerceiverConfig:
     num_queries: int = 16
     output_dim: int = 128
     ff_mult: int = 4
+    # start each query from its input token (plus the learned query): the output keeps the input's
+    # token order, e.g. a ViT's patch grid; needs num_queries == the number of input tokens
+    queries_from_input: bool = False
 
 
 class CrossAttention(nn.Module):
@@ -87,6 +90,10 @@ class PerceiverResampler(nn.Module):
         """``queries`` (B, Q, dim) replaces the learned ones (stage 2 passes LLM-made queries)."""
         context = self.proj_in(x)
         latents = self.queries.expand(x.shape[0], -1, -1) if queries is None else queries
+        if self.config.queries_from_input:
+            if context.shape[1] != latents.shape[1]:
+                raise ValueError(f"queries_from_input needs num_queries == input tokens, got {latents.shape[1]} and {context.shape[1]}")
+            latents = latents + context
         for attn, ff in self.blocks:
             latents = latents + attn(latents, context)
             latents = latents + ff(latents)

@@ -9,6 +9,7 @@ inputs shaped like the ones it was trained on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ class SDXLAdapterConfig:
     proj_dims: tuple[int, int] = (768, 1280)  # concatenated -> the UNet's cross_attention_dim
     pooled_dim: int = 1280  # text_embeds width; pooled from the second projection
     pool_heads: int = 8
+    # "attention": one learned query over the tokens (like CLIP's pooled output); "flatten": a linear
+    # map of all tokens in order, which keeps where each token came from (small models learn it fast)
+    pool: Literal["attention", "flatten"] = "attention"
 
     @property
     def cross_attention_dim(self) -> int:
@@ -106,7 +110,11 @@ class SDXLAdapter(nn.Module):
         self.resampler = PerceiverResampler(config.resampler)
         self.proj_a = nn.Linear(out, config.proj_dims[0])
         self.proj_b = nn.Linear(out, config.proj_dims[1])
-        self.pool = AttentionPool(config.proj_dims[1], config.pooled_dim, config.pool_heads)
+        if config.pool == "flatten":
+            width = config.resampler.num_queries * config.proj_dims[1]
+            self.pool = nn.Sequential(nn.Flatten(1), nn.LayerNorm(width), nn.Linear(width, config.pooled_dim))
+        else:
+            self.pool = AttentionPool(config.proj_dims[1], config.pooled_dim, config.pool_heads)
 
     def forward(self, features: torch.Tensor, time_ids: torch.Tensor) -> SDXLConditioning:
         tokens = self.resampler(features)
