@@ -23,9 +23,14 @@ from datamodules.images import UnreadableImage
 log = logging.getLogger(__name__)
 
 
-def score_story(pl_module, metrics: StoryMetrics, frames: dict[str, Any], start_frames: int = 1, settings=None) -> None:
-    """Generate the frames after ``start_frames`` with their true captions and update ``metrics``."""
+def score_story(pl_module, metrics: StoryMetrics, frames: dict[str, Any], start_frames: int = 1, settings=None) -> bool:
+    """Generate the frames after ``start_frames`` with their true captions and update ``metrics``.
+
+    Returns False (and scores nothing) when the story has no frame after its start frames.
+    """
     k = start_frames
+    if len(frames["captions"]) <= k:
+        return False
     story = pl_module.generate_story(frames["vit_pixels"][:k], frames["captions"][:k], frames["pixels"][:k],
                                      given_captions=frames["captions"][k:], settings=settings)
     generated = images_of(story).to(pl_module.device)
@@ -34,6 +39,7 @@ def score_story(pl_module, metrics: StoryMetrics, frames: dict[str, Any], start_
     characters = frames["characters"][k : k + n] if frames["characters"] else None
     metrics.update(generated, truth, frames["captions"][k : k + n], characters, [frames["background"]] * n,
                    [frames["story_id"]] * n)
+    return True
 
 
 def _load(dataset, index: int, steps: int) -> dict[str, Any] | None:

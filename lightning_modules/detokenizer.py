@@ -5,7 +5,11 @@ Orchestration only: the vision encoder, adapter, UNet/codec builders, sampler an
 
 Tiny default (CPU minutes): a seeded random CLIP tower (64 px, patch 8 -> 64 tokens x 128), a small
 perceiver adapter, a small SD-XL-shaped UNet (``addition_embed_type="text_time"``) diffusing 64x64
-*pixels* (no VAE, see :class:`~lightning_modules.components.diffusion.PixelCodec`).
+*pixels* (no VAE, see :class:`~lightning_modules.components.diffusion.PixelCodec`). Minutes of
+training are enough for the UNet to denoise but not to learn, through cross-attention, where each
+feature token belongs; the tiny config therefore keeps the token grid in the resampler, pools with
+a linear map of all tokens, appends position maps to the UNet input (``position_channels``) and
+trains a share of the timesteps at near-pure noise (``noise.high_noise_fraction``).
 Real scale (``configs/seed_story/stage1_detokenizer.yaml``): SD-XL base UNet + VAE from a local
 folder, 256x4096 ViT features, the published adapter, resampler + to_k/to_v trained.
 """
