@@ -228,3 +228,19 @@ def test_two_processes_agree_with_one(evaluator_dir, tmp_path):
         assert set(got) == set(expected)
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_a_story_with_nothing_after_its_start_frame_is_skipped_not_fatal():
+    from callbacks.story_evaluation import score_story
+
+    single = {"captions": ["Bolt waves hello."], "vit_pixels": None, "pixels": None}
+    assert score_story(None, None, single) is False  # nothing generated, nothing scored, no error
+
+
+def test_rank_share_gives_every_rank_the_same_number_of_generations():
+    from callbacks.story_evaluation import rank_share
+
+    shares = [rank_share(3, rank, 2) for rank in (0, 1)]
+    assert shares == [[0, 2], [1, -1]]  # -1: a padding generation, not scored
+    assert sorted(i for s in shares for i in s if i >= 0) == [0, 1, 2]
+    assert rank_share(4, 1, 2) == [1, 3] and rank_share(1, 0, 1) == [0]
