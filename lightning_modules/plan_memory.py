@@ -6,7 +6,9 @@
 The config's model is built on the ``meta`` device (no weights are read). Per GPU, with every
 parameter fully sharded over the GPUs (FSDP / ZeRO-3):
 
-- parameters: trainable ones kept in fp32, frozen ones in the compute dtype (bf16);
+- parameters: trainable ones kept in fp32, frozen ones in the compute dtype (bf16); frozen parts
+  that live outside the sharded module tree (the ViT in every stage, stage 3's MLLM) are whole
+  on every GPU, as the modules place them;
 - gradients: fp32, trainable parameters only; optimizer: two fp32 AdamW moments per trainable;
 - working copy: the largest FSDP unit gathered unsharded in bf16 (twice, for prefetching);
 - activations: a meta-device forward pass with the config's batch shape, summing what every
@@ -47,6 +49,7 @@ class Part:
     activation_bytes: int
     checkpointed_activation_bytes: int
     core: tuple[str, int] = ("", 0)  # the pretrained network's own parameter count (e.g. the UNet alone)
+    replicated: bool = False  # kept whole on every GPU (frozen parts outside the sharded module tree)
 
 
 @dataclass
@@ -58,11 +61,11 @@ class Plan:
 
     def per_gpu(self, checkpointing: bool) -> dict[str, float]:
         trainable = sum(p.trainable for p in self.parts)
-        frozen = sum(p.params - p.trainable for p in self.parts)
-        params = (trainable * 4 + frozen * self.compute_bytes) / self.gpus
+        params = sum((p.trainable * 4 + (p.params - p.trainable) * self.compute_bytes) / (1 if p.replicated else self.gpus)
+                     for p in self.parts)
         grads = trainable * 4 / self.gpus
         optimizer = trainable * 8 / self.gpus
-        working = 2 * max(p.largest_unit for p in self.parts) * self.compute_bytes
+        working = 2 * max((p.largest_unit for p in self.parts if not p.replicated), default=0) * self.compute_bytes
         acts = sum(p.checkpointed_activation_bytes if checkpointing else p.activation_bytes for p in self.parts)
         return {"params": params / GB, "grads": grads / GB, "optimizer": optimizer / GB, "working": working / GB,
                 "activations": acts / GB, "total": (params + grads + optimizer + working + acts) / GB}
@@ -198,7 +201,7 @@ def vision_part() -> Part:
     attention-pool resampler to 256 x 4096 (~1.9 B parameters)."""
     width, mlp, layers, out = 1664, 8192, 48, 4096
     params = layers * (4 * width * width + 2 * width * mlp) + 4 * out * out + width * out + 256 * out
-    return Part("Qwen-VL ViT (frozen)", params, 0, params // 48, 0, 0)
+    return Part("Qwen-VL ViT (frozen)", params, 0, params // 48, 0, 0, replicated=True)
 
 
 def plan(stage: str, gpus: int) -> Plan:
@@ -207,7 +210,9 @@ def plan(stage: str, gpus: int) -> Plan:
     if stage == "stage2":
         return Plan(stage, [llm_part(STAGES["stage2"]), vision_part()], gpus)
     stage3 = yaml.safe_load(Path(STAGES["stage3"]).read_text())["model"]["init_args"]
-    return Plan(stage, [unet_part(STAGES["stage1"], stage3.get("train_unet", "kv")), llm_part(STAGES["stage2"], frozen=True), vision_part()], gpus)
+    mllm = llm_part(STAGES["stage2"], frozen=True)
+    mllm.replicated = True  # stage 3 places the frozen MLLM on every rank
+    return Plan(stage, [unet_part(STAGES["stage1"], stage3.get("train_unet", "kv")), mllm, vision_part()], gpus)
 
 
 def report(plans: list[Plan], gpu_mems: list[float]) -> str:

@@ -22,3 +22,14 @@ def test_plan_arithmetic():
     assert per_gpu["params"] * gb == (2_000 * 4 + 6_000 * 2) / 2
     assert per_gpu["grads"] * gb == 2_000 * 4 / 2 and per_gpu["optimizer"] * gb == 2_000 * 8 / 2
     assert per_gpu["working"] * gb == 2 * 100 * 2 and per_gpu["activations"] * gb == 10
+
+
+def test_replicated_frozen_parts_count_whole_on_every_gpu():
+    sharded = plan_memory.Part("unet", params=8_000, trainable=2_000, largest_unit=100, activation_bytes=0,
+                               checkpointed_activation_bytes=0)
+    frozen = plan_memory.Part("vit", params=1_000, trainable=0, largest_unit=500, activation_bytes=0,
+                              checkpointed_activation_bytes=0, replicated=True)
+    per_gpu = plan_memory.Plan("s", [sharded, frozen], gpus=4).per_gpu(checkpointing=False)
+    gb = plan_memory.GB
+    assert per_gpu["params"] * gb == (2_000 * 4 + 6_000 * 2) / 4 + 1_000 * 2
+    assert per_gpu["working"] * gb == 2 * 100 * 2  # a replicated part is never gathered
