@@ -44,7 +44,7 @@ from lightning_modules.components.diffusion import (
     draw_training_noise,
     load_codec,
     merged_unet_copy,
-    sample_key,
+    noise_keys,
     sample_latents,
     select_trainable,
     unet_input,
@@ -215,10 +215,9 @@ class DetokenizerModule(L.LightningModule):
         n = batch_size(batch)
         if n == 0:
             return None
-        # noise keyed by (step, frame): any world size or a resumed run draws the same; validation
-        # uses step -1, so every validation scores the same noise and timesteps
-        step = self.global_step if stage == "train" else -1
-        keys = [sample_key(self.sample_seed, step, s, int(f)) for s, f in zip(batch["story_id"], batch["frame_index"])]
+        # noise keyed by (step, frame): any world size or a resumed run draws the same
+        keys = noise_keys(self.sample_seed, self.global_step if stage == "train" else None,
+                          list(zip(batch["story_id"], batch["frame_index"].tolist())))
         loss = self.denoising_loss(
             self.vision_encoder(batch["vit_pixels"]),
             batch["pixels"],

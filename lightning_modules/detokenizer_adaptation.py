@@ -25,7 +25,7 @@ from torchmetrics.image import PeakSignalNoiseRatio
 
 from datamodules.batch import batch_size
 from lightning_modules.components import sharding
-from lightning_modules.components.diffusion import TrainUNet, sample_key
+from lightning_modules.components.diffusion import TrainUNet, noise_keys
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sequence import Supervise
 from lightning_modules.components.sharding import FSDPSettings
@@ -156,9 +156,8 @@ class DetokenizerAdaptationModule(L.LightningModule):
         if batch_size(batch) == 0:
             return None
         features, frames = self.regressed_features(batch)
-        step = self.global_step if stage == "train" else -1  # keyed noise: see DetokenizerModule._shared_step
-        keys = [sample_key(self.detokenizer.sample_seed, step, batch["story_id"][row], int(batch["frame_index"][row, col]))
-                for row, col in frames.tolist()]
+        keys = noise_keys(self.detokenizer.sample_seed, self.global_step if stage == "train" else None,
+                          [(batch["story_id"][row], batch["frame_index"][row, col]) for row, col in frames.tolist()])
         loss = self.detokenizer.denoising_loss(
             features,
             self._frames(batch, frames, "pixels"),

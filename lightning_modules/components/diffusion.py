@@ -243,6 +243,12 @@ def sample_key(seed: int, step: int, story_id: str, frame: int) -> int:
     return zlib.crc32(f"{seed}:{step}:{story_id}:{frame}".encode())
 
 
+def noise_keys(seed: int, step: int | None, frames: list[tuple[str, int]]) -> list[int]:
+    """:func:`sample_key` of each (story id, frame index) at a training ``step``; ``None`` (evaluation)
+    uses step -1, so every validation scores the same noise and timesteps."""
+    return [sample_key(seed, -1 if step is None else step, story, int(frame)) for story, frame in frames]
+
+
 def draw_training_noise(
     shape: tuple[int, ...],
     num_timesteps: int,
