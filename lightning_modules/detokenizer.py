@@ -7,9 +7,11 @@ Tiny default (CPU minutes): a seeded random CLIP tower (64 px, patch 8 -> 64 tok
 perceiver adapter, a small SD-XL-shaped UNet (``addition_embed_type="text_time"``) diffusing 64x64
 *pixels* (no VAE, see :class:`~lightning_modules.components.diffusion.PixelCodec`). Minutes of
 training are enough for the UNet to denoise but not to learn, through cross-attention, where each
-feature token belongs; the tiny config therefore keeps the token grid in the resampler, pools with
-a linear map of all tokens, appends position maps to the UNet input (``position_channels``) and
-trains a share of the timesteps at near-pure noise (``noise.high_noise_fraction``).
+feature token belongs; the tiny config therefore keeps the token grid in the resampler, lays the
+tokens out as a spatial map on the UNet input (``adapter.spatial_channels``, the largest gain:
+PSNR 15.5 -> 20.5 dB at 1,000 steps), pools with a linear map of all tokens, appends position maps
+to the UNet input (``position_channels``) and trains a share of the timesteps at near-pure noise
+(``noise.high_noise_fraction``).
 Real scale (``configs/seed_story/stage1_detokenizer.yaml``): SD-XL base UNet + VAE from a local
 folder, 256x4096 ViT features, the published adapter, resampler + to_k/to_v trained.
 """
@@ -188,12 +190,13 @@ class DetokenizerModule(L.LightningModule):
         log.info("UNet: %d trainable tensors (train_unet=%s)", len(trainable), self.train_unet)
         if not self.unet_spec.meta_init:
             self.codec = load_codec(self.vae_path, pixel_patch=self.pixel_patch)
-            want_in, want_out = self.codec.channels + self.position_channels, self.codec.channels
+            spatial = self.adapter_config.spatial_channels
+            want_in, want_out = self.codec.channels + self.position_channels + spatial, self.codec.channels
             if (self.unet.config.in_channels, self.unet.config.out_channels) != (want_in, want_out):
                 raise ValueError(
                     f"the UNet takes {self.unet.config.in_channels} and gives {self.unet.config.out_channels} channels, but "
-                    f"the codec has {self.codec.channels} latent channels and position_channels={self.position_channels}: "
-                    f"set unet in_channels={want_in} and out_channels={want_out}"
+                    f"the codec has {self.codec.channels} latent channels, position_channels={self.position_channels} and "
+                    f"adapter.spatial_channels={spatial}: set unet in_channels={want_in} and out_channels={want_out}"
                 )
             if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
                 sharding.shard(sharding.unet_units(self.unet) + [self.adapter], [self.unet], self.device_mesh, self.fsdp)
@@ -261,7 +264,7 @@ class DetokenizerModule(L.LightningModule):
         cond = self.conditioning(features, time_ids)
         noise, t = draw.noise.to(latents.device), draw.timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        pred = self.unet(unet_input(noisy.to(self.dtype), self.position_channels), t, **cond.unet_kwargs()).sample
+        pred = self.unet(unet_input(noisy.to(self.dtype), self.position_channels, cond.spatial), t, **cond.unet_kwargs()).sample
         return F.mse_loss(pred.float(), diffusion_target(self.noise_scheduler, latents, noise, t))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:

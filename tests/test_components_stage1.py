@@ -145,6 +145,35 @@ def test_position_grid_tells_every_location_apart_and_is_appended_to_the_unet_in
         position_grid(6, 4, 4)
 
 
+def test_spatial_map_puts_each_token_where_its_patch_was():
+    from lightning_modules.components.diffusion import unet_input
+
+    cfg = SDXLAdapterConfig(
+        resampler=PerceiverConfig(input_dim=12, dim=16, depth=1, heads=2, dim_head=8, num_queries=16, output_dim=16,
+                                  queries_from_input=True),
+        proj_dims=(10, 14), pooled_dim=14, pool_heads=2, spatial_channels=3, spatial_upscale=2,
+    )
+    adapter = SDXLAdapter(cfg).eval()
+    tokens = torch.randn(1, 16, 16)  # a 4x4 grid of resampler outputs
+    spatial = adapter.spatial_map(tokens)
+    assert spatial.shape == (1, 3, 8, 8)  # 4x4 tokens, each a 2x2 block
+    changed = tokens.clone()
+    changed[0, 6] += 5.0  # row 1, column 2 of the grid
+    diff = (adapter.spatial_map(changed) - spatial).abs().sum(1)[0]
+    assert diff[2:4, 4:6].min() > 0 and diff.sum() == diff[2:4, 4:6].sum()  # only that token's block moves
+    cond = adapter(torch.randn(2, 16, 12), torch.zeros(2, 6))
+    assert cond.spatial.shape == (2, 3, 8, 8)
+    both = type(cond).cat([cond, cond])
+    assert both.spatial.shape == (4, 3, 8, 8) and "spatial" not in both.unet_kwargs()
+    # appended after the latents and position maps, resized to the latents' size
+    stacked = unet_input(torch.randn(2, 48, 16, 16), 4, cond.spatial)
+    assert stacked.shape == (2, 55, 16, 16)
+    resized = torch.nn.functional.interpolate(cond.spatial, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.equal(stacked[:, 52:], resized)
+    with pytest.raises(ValueError, match="queries_from_input"):
+        SDXLAdapter(SDXLAdapterConfig(resampler=PerceiverConfig(num_queries=16), spatial_channels=3))
+
+
 def test_perceiver_queries_from_input_keep_the_token_order():
     from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
 

@@ -306,12 +306,21 @@ def position_grid(channels: int, height: int, width: int) -> torch.Tensor:
     return torch.cat([xs.sin().expand(shape), xs.cos().expand(shape), ys.sin().expand(shape), ys.cos().expand(shape)])
 
 
-def unet_input(latents: torch.Tensor, position_channels: int) -> torch.Tensor:
-    """The latents, with ``position_channels`` of :func:`position_grid` appended (none: unchanged)."""
-    if position_channels == 0:
-        return latents
-    grid = position_grid(position_channels, *latents.shape[-2:]).to(latents.device, latents.dtype)
-    return torch.cat([latents, grid.expand(latents.shape[0], -1, -1, -1)], dim=1)
+def unet_input(latents: torch.Tensor, position_channels: int, spatial: torch.Tensor | None = None) -> torch.Tensor:
+    """The latents, then ``position_channels`` of :func:`position_grid`, then the adapter's spatial map.
+
+    The spatial map (see ``SDXLAdapterConfig.spatial_channels``) is resized to the latents' size
+    when the two differ. With neither extra, the latents are returned unchanged.
+    """
+    parts = [latents]
+    if position_channels:
+        grid = position_grid(position_channels, *latents.shape[-2:]).to(latents.device, latents.dtype)
+        parts.append(grid.expand(latents.shape[0], -1, -1, -1))
+    if spatial is not None:
+        if spatial.shape[-2:] != latents.shape[-2:]:
+            spatial = F.interpolate(spatial.float(), size=latents.shape[-2:], mode="bilinear", align_corners=False)
+        parts.append(spatial.to(latents.dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
@@ -340,7 +349,7 @@ def sample_latents(
     for t in scheduler.timesteps:
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t).to(dtype)
-        out = unet(unet_input(model_in, position_channels), t, **both.unet_kwargs()).sample.float()
+        out = unet(unet_input(model_in, position_channels, both.spatial), t, **both.unet_kwargs()).sample.float()
         if guided:
             out_uncond, out_cond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)

@@ -8,10 +8,12 @@ inputs shaped like the ones it was trained on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
@@ -28,6 +30,12 @@ class SDXLAdapterConfig:
     # "attention": one learned query over the tokens (like CLIP's pooled output); "flatten": a linear
     # map of all tokens in order, which keeps where each token came from (small models learn it fast)
     pool: Literal["attention", "flatten"] = "attention"
+    # > 0: also a spatial map for the UNet input. Each resampler token (in grid order, so it needs
+    # ``queries_from_input``) becomes ``spatial_channels x spatial_upscale^2`` values, pixel-shuffled
+    # into a (spatial_channels, g * s, g * s) map that is concatenated to the latents (like SD
+    # inpainting's extra input channels): where a token's content belongs is given, not learned.
+    spatial_channels: int = 0
+    spatial_upscale: int = 1
 
     @property
     def cross_attention_dim(self) -> int:
@@ -41,6 +49,7 @@ class SDXLConditioning:
     encoder_hidden_states: torch.Tensor  # (B, Q, sum(proj_dims))
     text_embeds: torch.Tensor  # (B, pooled_dim)
     time_ids: torch.Tensor  # (B, 6)
+    spatial: torch.Tensor | None = None  # (B, C, h, w) map for the UNet input (not a UNet kwarg)
 
     def unet_kwargs(self) -> dict:
         return {
@@ -50,10 +59,12 @@ class SDXLConditioning:
 
     @staticmethod
     def cat(items: list[SDXLConditioning]) -> SDXLConditioning:
+        spatial = None if items[0].spatial is None else torch.cat([c.spatial for c in items])
         return SDXLConditioning(
             torch.cat([c.encoder_hidden_states for c in items]),
             torch.cat([c.text_embeds for c in items]),
             torch.cat([c.time_ids for c in items]),
+            spatial,
         )
 
 
@@ -115,9 +126,26 @@ class SDXLAdapter(nn.Module):
             self.pool = nn.Sequential(nn.Flatten(1), nn.LayerNorm(width), nn.Linear(width, config.pooled_dim))
         else:
             self.pool = AttentionPool(config.proj_dims[1], config.pooled_dim, config.pool_heads)
+        self.spatial = None
+        if config.spatial_channels > 0:
+            side = math.isqrt(config.resampler.num_queries)
+            if side * side != config.resampler.num_queries or not config.resampler.queries_from_input:
+                raise ValueError(
+                    "adapter.spatial_channels needs the resampler to keep a square token grid: set "
+                    f"resampler.queries_from_input=true and a square num_queries (got {config.resampler.num_queries})"
+                )
+            self.spatial = nn.Sequential(nn.LayerNorm(out), nn.Linear(out, config.spatial_channels * config.spatial_upscale**2))
 
     def forward(self, features: torch.Tensor, time_ids: torch.Tensor) -> SDXLConditioning:
         tokens = self.resampler(features)
         b = self.proj_b(tokens)
         hidden = torch.cat([self.proj_a(tokens), b], dim=-1)
-        return SDXLConditioning(hidden, self.pool(b), time_ids.to(hidden.dtype))
+        return SDXLConditioning(hidden, self.pool(b), time_ids.to(hidden.dtype), self.spatial_map(tokens))
+
+    def spatial_map(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(B, g*g, D) grid-ordered tokens -> (B, C, g*s, g*s), or None without a spatial head."""
+        if self.spatial is None:
+            return None
+        side = math.isqrt(tokens.shape[1])
+        grid = self.spatial(tokens).transpose(1, 2).unflatten(-1, (side, side))  # (B, C*s*s, g, g)
+        return F.pixel_shuffle(grid, self.config.spatial_upscale)
