@@ -8,11 +8,14 @@ is frozen.
 
 ``predict_step`` generates a story per sample (start frames from the batch) with the
 :class:`~lightning_modules.components.story_generator.StoryGenerator` and writes each into
-``output_dir``: frames as PNG, ``story.json`` and ``storyboard.html``.
+``output_dir``: frames as PNG, ``story.json`` and ``storyboard.html``. With ``evaluator_dir``, every
+frame is also labelled by the evaluator (in ``story.json``) and ``retention.json`` gives, per step,
+how much of the start frame's cast and background the stories keep.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +55,8 @@ class DetokenizerAdaptationModule(L.LightningModule):
         start_frames: how many frames of each predict sample start the story.
         output_dir: where ``predict_step`` writes the stories (and ``test`` its ``metrics.json``).
         export_dir: where the adapted de-tokenizer is saved at the end of ``fit``.
-        evaluator_dir: the story evaluator used by ``test`` (a ``save_evaluator`` folder).
+        evaluator_dir: the story evaluator (a ``save_evaluator`` folder): ``test`` scores with it, and
+            ``predict`` labels every frame with it and writes ``retention.json``.
         inception_weights_path: local Inception weights for FID at real scale (else evaluator features).
         test_steps: ``test`` draws this many frames after each test story's first frame, from the
             true captions, and scores them against the true frames.
@@ -107,6 +111,7 @@ class DetokenizerAdaptationModule(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
         self._val_seen = 0
         self.stories_written: list[Path] = []
+        self._retention = None  # StartCastRetention during predict, when evaluator_dir is given
 
     # The frozen MLLM is rebuilt from mllm_dir and kept out of the module tree: never in the
     # optimizer, never in checkpoints (7 B parameters at real scale), still moved by .to().
@@ -215,6 +220,16 @@ class DetokenizerAdaptationModule(L.LightningModule):
         """The callbacks' and notebook's entry: continue (or visualize, with ``given_captions``) a story."""
         return self.story_generator(settings).generate(vit_pixels, captions, captions=given_captions, start_images=images)
 
+    def on_predict_start(self) -> None:
+        """With ``evaluator_dir``, label every frame of every story to measure what it keeps of its start."""
+        self._retention = None
+        if self.evaluator_dir and Path(self.evaluator_dir).is_dir():
+            from callbacks.metrics.story_metrics import StartCastRetention
+            from lightning_modules.evaluator import load_evaluator
+
+            self._label_model = load_evaluator(self.evaluator_dir, self.device)
+            self._retention = StartCastRetention(self.start_frames + self.generation.steps).to(self.device)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         results = []
         for row in range(batch_size(batch)):
@@ -223,11 +238,38 @@ class DetokenizerAdaptationModule(L.LightningModule):
             folder = Path(self.output_dir) / f"story_{batch['story_id'][row]}"
             info = {"story_id": batch["story_id"][row], **story.summary(),
                     "detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}
+            if self._retention is not None:
+                info["evaluator_labels"] = self._label_story(story, batch, row)
             write_story(folder, f"story {batch['story_id'][row]}", story.captions,
                         [s.image for s in story.steps], [s.given for s in story.steps], info)
             self.stories_written.append(folder)
             results.append({"story_id": batch["story_id"][row], "folder": str(folder), "captions": story.captions})
         return results
+
+    def _label_story(self, story: Story, batch: dict[str, Any], row: int) -> list[dict[str, Any]]:
+        """The evaluator's characters and background for every frame; updates the retention metric."""
+        images = [s.image for s in story.steps]
+        if any(image is None for image in images):
+            return []
+        characters, backgrounds = self._label_model.predict_labels(torch.stack(images).to(self.device).float())
+        truth = batch["characters"][row]
+        if truth is not None and batch["background"][row] is not None:
+            self._retention.update(characters, backgrounds, truth[0], batch["background"][row])
+        return [{"characters": sorted(c), "background": b} for c, b in zip(characters, backgrounds, strict=True)]
+
+    def on_predict_end(self) -> None:
+        if self._retention is None or int(self._retention.stories.sum()) == 0:
+            return
+        from callbacks.metrics.story_metrics import retention_table
+
+        scores = self._retention.compute()
+        if self.trainer.is_global_zero:
+            path = Path(self.output_dir) / "retention.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({name: value.tolist() for name, value in scores.items()} | {
+                "evaluator_dir": self.evaluator_dir, "detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}, indent=2))
+            log.info("what the stories keep of their start frame (%s):\n%s", path, retention_table(scores))
+            print(retention_table(scores))
 
     # -- standalone evaluation -------------------------------------------------------------
 

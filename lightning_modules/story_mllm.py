@@ -28,6 +28,7 @@ from torch import nn
 
 from datamodules.batch import batch_size
 from lightning_modules.components import sharding, story_llm
+from lightning_modules.components.diffusion import sample_key
 from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sequence import IGNORE_INDEX, StorySequence, Supervise, build_story_sequences
@@ -76,6 +77,14 @@ class StoryMLLMModule(L.LightningModule):
         residual_features: regress the change from the previous frame's features (prediction =
             previous + resampler output). Consecutive frames share most of their content, so this
             starts from the copy baseline instead of from nothing. Off = SEED-Story's formulation.
+        queries_from_previous: the output resampler's queries start from the previous frame's
+            tokens (each output token knows what was at its place), so the LLM's hidden states only
+            have to say what changes. ``rec_loss_copy`` (logged) is the copy baseline to beat.
+        context_blur: in training, every frame the model reads (context and residual base) is pulled
+            toward its story's mean frame by a random share in ``[0, context_blur]``; targets stay
+            sharp. Generation reads back its own regressed features, which regression to the mean
+            has blurred (a character half-faded where it might have moved); trained on such input,
+            the model restores them instead of fading a little more at every step.
         max_length: token budget; longer samples lose whole leading steps (counted).
         export_dir: where ``save_mllm`` writes at the end of ``fit`` (None: not written).
         fsdp: sharding switches used under ``ModelParallelStrategy`` (mixed precision, checkpointing).
@@ -97,6 +106,8 @@ class StoryMLLMModule(L.LightningModule):
         rec_weight: float = 1.0,
         rec_loss: Literal["cosine", "mse"] = "cosine",
         residual_features: bool = False,
+        queries_from_previous: bool = False,
+        context_blur: float = 0.0,
         max_length: int = 1280,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
@@ -119,6 +130,8 @@ class StoryMLLMModule(L.LightningModule):
         self.rec_weight = rec_weight
         self.rec_loss = rec_loss
         self.residual_features = residual_features
+        self.queries_from_previous = queries_from_previous
+        self.context_blur = context_blur
         self.max_length = max_length
         self.gradient_checkpointing = gradient_checkpointing
         self.export_dir = export_dir
@@ -130,7 +143,8 @@ class StoryMLLMModule(L.LightningModule):
         self.input_resampler = PerceiverResampler(dataclasses.replace(
             input_resampler or PerceiverConfig(), input_dim=encoder.dim, num_queries=num_queries, output_dim=width))
         self.output_resampler = PerceiverResampler(dataclasses.replace(
-            output_resampler or PerceiverConfig(), input_dim=width, num_queries=encoder.num_tokens, output_dim=encoder.dim))
+            output_resampler or PerceiverConfig(), input_dim=width, num_queries=encoder.num_tokens, output_dim=encoder.dim,
+            query_input_dim=encoder.dim if queries_from_previous else 0))
         self.llm: nn.Module | None = None
         self.tokenizer = None
         self.tokens: StoryTokens | None = None
@@ -207,12 +221,23 @@ class StoryMLLMModule(L.LightningModule):
         seq = build_story_sequences(batch["captions"], self.tokenizer, self.tokens, self.supervise, self.max_length)
         seq = _to_device(seq, self.device)
         self.dropped_steps += seq.dropped_steps
+        read = None
+        if self.training and self.context_blur > 0 and "story_id" in batch:
+            read = blur_toward_story_mean(features, feature_index, batch["story_id"], batch["frame_index"],
+                                          self.context_blur, seed=self.global_step)
         # one call through forward(): under FSDP the module is the root unit and must run first
-        logits, predicted, previous, target = self(seq, features, feature_index)
+        logits, predicted, previous, target = self(seq, features, feature_index, read)
         return StoryOutputs(seq, logits, predicted, target, previous)
 
-    def forward(self, seq: StorySequence, features: torch.Tensor, feature_index: torch.Tensor):
-        """Teacher-forced pass over a laid-out batch: logits, regressed, previous and true features."""
+    def forward(self, seq: StorySequence, features: torch.Tensor, feature_index: torch.Tensor,
+                read_features: torch.Tensor | None = None):
+        """Teacher-forced pass over a laid-out batch: logits, regressed, previous and true features.
+
+        ``read_features`` (same rows as ``features``) replace them where the model *reads* frames
+        (context slots, residual base); the targets stay the true ``features``.
+        """
+        targets = features
+        features = features if read_features is None else read_features
         base = self.base_llm
         embeds = base.get_input_embeddings()(seq.input_ids)
         width = embeds.shape[-1]
@@ -228,11 +253,11 @@ class StoryMLLMModule(L.LightningModule):
         target_rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
         prev_rows = feature_index[seq.target_frames[:, 0], (seq.target_frames[:, 1] - 1).clamp(min=0)]
         previous = features[prev_rows].float()
-        return logits, self.regress(queries.float(), previous), previous, features[target_rows].float()
+        return logits, self.regress(queries.float(), previous), previous, targets[target_rows].float()
 
     def regress(self, queries: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Features of the next frame from the hidden states at its Q generation slots."""
-        out = self.output_resampler(queries)
+        out = self.output_resampler(queries, query_features=previous if self.queries_from_previous else None)
         return previous + out if self.residual_features else out
 
     def losses(self, out: StoryOutputs) -> dict[str, torch.Tensor]:
@@ -240,16 +265,24 @@ class StoryMLLMModule(L.LightningModule):
         supervised = labels != IGNORE_INDEX
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         cos = F.cosine_similarity(out.predicted_features, out.target_features, dim=-1).mean()
-        rec = 1 - cos if self.rec_loss == "cosine" else F.mse_loss(out.predicted_features, out.target_features)
+        rec = self._regression_loss(out.predicted_features, out.target_features)
+        with torch.no_grad():  # the copy baseline: "the next frame is the previous one"
+            rec_copy = self._regression_loss(out.previous_features, out.target_features)
         with torch.no_grad():
             accuracy = (logits.argmax(-1)[supervised] == labels[supervised]).float().mean()
         return {
             "loss": self.lm_weight * ce + self.rec_weight * rec,
             "lm_loss": ce,
             "rec_loss": rec,
+            "rec_loss_copy": rec_copy,
             "token_acc": accuracy,
             "feature_cos": cos.detach(),
         }
+
+    def _regression_loss(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.rec_loss == "cosine":
+            return 1 - F.cosine_similarity(predicted, target, dim=-1).mean()
+        return F.mse_loss(predicted, target)
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         if batch_size(batch) == 0:
@@ -293,6 +326,25 @@ class StoryMLLMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["story_vocab_size"] = len(self.tokenizer) if self.tokenizer is not None else None
+
+
+def blur_toward_story_mean(features: torch.Tensor, feature_index: torch.Tensor, story_ids: list[str],
+                           frame_index: torch.Tensor, max_share: float, seed: int) -> torch.Tensor:
+    """``features`` rows pulled toward the mean of their story chunk by a share in ``[0, max_share]``.
+
+    The share of each frame is keyed by (seed, story, frame), so it does not depend on how the
+    batch was split across processes.
+    """
+    out = features.clone()
+    for b, story in enumerate(story_ids):
+        frames = (feature_index[b] >= 0).nonzero().flatten()
+        rows = feature_index[b, frames]
+        mean = features[rows].mean(0, keepdim=True)
+        share = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(sample_key(seed, 0, story, int(frame_index[b, f]))))
+                             for f in frames]) * max_share
+        share = share.to(features.device, features.dtype)[:, None, None]
+        out[rows] = features[rows] * (1 - share) + mean * share
+    return out
 
 
 def _to_device(seq: StorySequence, device: torch.device) -> StorySequence:
@@ -367,7 +419,8 @@ def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> Sto
         output_resampler=PerceiverConfig(**config.pop("output_resampler")) if config.get("output_resampler") else None,
         lora=None,
         **{k: v for k, v in config.items()
-           if k in ("num_queries", "supervise", "lm_weight", "rec_weight", "rec_loss", "residual_features", "max_length")},
+           if k in ("num_queries", "supervise", "lm_weight", "rec_weight", "rec_loss", "residual_features",
+                    "queries_from_previous", "context_blur", "max_length")},
     )
     module.configure_model()
     if (root / "llm_adapter").is_dir():

@@ -106,6 +106,10 @@ def test_adaptation_loss_falls_and_beats_stage1_on_regressed_features(tiny_world
 
 
 def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
+    from tests.test_story_metrics import random_evaluator
+    from lightning_modules.evaluator import save_evaluator
+
+    evaluator = save_evaluator(random_evaluator(), tmp_path / "evaluator")
     cli_main([
         "predict", "--config", "configs/tiny/generate.yaml",
         f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
@@ -114,8 +118,12 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
         f"--data.init_args.predict_files={tiny_world / 'val.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}",
         "--data.init_args.vit_image_size=32", "--data.init_args.synthetic=null", f"--trainer.default_root_dir={tmp_path}",
+        f"--model.init_args.evaluator_dir={evaluator}",
     ])
-    folders = sorted((tmp_path / "stories").iterdir())
+    retention = json.loads((tmp_path / "stories" / "retention.json").read_text())
+    assert len(retention["cast"]) == len(retention["background"]) == 3 and retention["stories"] == [2, 2, 2]
+    assert all(0 <= v <= 1 for v in retention["cast"] + retention["background"])
+    folders = sorted(p for p in (tmp_path / "stories").iterdir() if p.is_dir())
     assert len(folders) == 2  # the two val stories
     for folder in folders:
         record = json.loads((folder / "story.json").read_text())
@@ -123,6 +131,7 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
         assert all((folder / f).is_file() for f in record["frames"])
         html = (folder / "storyboard.html").read_text()
         assert html.count("data:image/png;base64,") == 3 and "timings" in record
+        assert len(record["evaluator_labels"]) == 3 and {"characters", "background"} <= set(record["evaluator_labels"][0])
 
 
 def test_min_new_tokens_holds_back_the_stop_tokens():

@@ -140,6 +140,22 @@ def test_label_metrics_on_hand_made_sets():
     assert float(bg.compute()) == pytest.approx(2 / 3)
 
 
+def test_start_cast_retention_on_hand_made_stories():
+    from callbacks.metrics.story_metrics import StartCastRetention, retention_table
+
+    metric = StartCastRetention(max_steps=3)
+    # story 1: start cast {A, B} in the meadow; frame 1 keeps A only, frame 2 keeps both but the background changes
+    metric.update([{"A", "B"}, {"A", "C"}, {"A", "B"}], ["meadow", "meadow", "night"], ["A", "B"], "meadow")
+    # story 2: start cast {C} in the cave, only two frames (and a fourth would be past max_steps)
+    metric.update([{"C"}, set()], ["cave", "cave"], ["C"], "cave")
+    scores = metric.compute()
+    assert scores["cast"].tolist() == pytest.approx([3 / 3, 1 / 3, 2 / 2])
+    assert scores["background"].tolist() == pytest.approx([1.0, 1.0, 0.0])
+    assert scores["stories"].tolist() == [2, 2, 1]
+    table = retention_table(scores)
+    assert "| 1 | 0.333 | 1.000 | 2 |" in table and "| 5 |" not in table  # only steps the stories reached
+
+
 def test_clip_t_loads_the_saved_evaluator_and_equals_direct_cosine(evaluator_dir):
     evaluator = load_evaluator(evaluator_dir)
     frames = images(6, 3)

@@ -140,3 +140,50 @@ def test_residual_regression_starts_from_the_previous_frame(tiny_world, tokenize
         out = module.forward_story(_batch(tiny_world, n=2, max_images=3))
     assert torch.allclose(out.predicted_features, out.previous_features)
     assert not torch.allclose(out.previous_features, out.target_features)
+
+
+def test_queries_from_previous_survive_export_and_see_the_previous_frame(tiny_world, tokenizer_dir, tmp_path):  # noqa: F811
+    module = _module(tokenizer_dir, residual_features=True, queries_from_previous=True, rec_loss="mse").eval()
+    batch = _batch(tiny_world, n=2, max_images=3)
+    with torch.no_grad():
+        out = module.forward_story(batch)
+        hidden = torch.randn(1, 4, 64)
+        prev = out.previous_features[:1]
+        # the regression depends on the previous frame through the queries, not only the residual
+        assert not torch.allclose(module.regress(hidden, prev) - prev, module.regress(hidden, prev + 1) - prev - 1)
+    terms = module.losses(out)
+    copy = torch.nn.functional.mse_loss(out.previous_features, out.target_features)
+    assert float(terms["rec_loss_copy"]) == pytest.approx(float(copy))
+    reloaded = load_mllm(save_mllm(module, tmp_path / "export"))
+    assert reloaded.queries_from_previous
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.regress(hidden, prev), module.regress(hidden, prev))
+
+
+def test_context_blur_pulls_read_frames_toward_their_story_mean_and_keeps_targets(tiny_world, tokenizer_dir):  # noqa: F811
+    from lightning_modules.story_mllm import blur_toward_story_mean
+
+    batch = _batch(tiny_world, n=2, max_images=3)
+    module = _module(tokenizer_dir, residual_features=True, context_blur=0.5)
+    features, index = module.story_features(batch)
+    blurred = blur_toward_story_mean(features, index, batch["story_id"], batch["frame_index"], 0.5, seed=3)
+    for b in range(2):
+        rows = index[b][index[b] >= 0]
+        mean = features[rows].mean(0)
+        for row in rows:  # on the segment from the frame to its story's mean, at most half way
+            share = ((features[row] - blurred[row]).norm() / (features[row] - mean).norm()).item()
+            assert 0 <= share <= 0.5 + 1e-5
+            torch.testing.assert_close(blurred[row], features[row] + share * (mean - features[row]), atol=1e-4, rtol=0)
+    # keyed by (seed, story, frame): the same shares for a sample wherever it sits in a batch
+    single = {k: (v[1:] if k not in ("skipped",) and hasattr(v, "__len__") and len(v) == 2 else v) for k, v in batch.items()}
+    f1, i1 = module.story_features(single)
+    alone = blur_toward_story_mean(f1, i1, single["story_id"], single["frame_index"], 0.5, seed=3)
+    torch.testing.assert_close(alone, blurred[index[1][index[1] >= 0]])
+    # training reads blurred frames, but the targets are the true ones
+    module.train()
+    out = module.forward_story(batch)
+    with torch.no_grad():
+        module.eval()
+        clean = module.forward_story(batch)
+    torch.testing.assert_close(out.target_features, clean.target_features)
+    assert not torch.allclose(out.previous_features, clean.previous_features)

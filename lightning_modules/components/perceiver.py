@@ -29,6 +29,11 @@ class PerceiverConfig:
     # start each query from its input token (plus the learned query): the output keeps the input's
     # token order, e.g. a ViT's patch grid; needs num_queries == the number of input tokens
     queries_from_input: bool = False
+    # > 0: ``forward(..., query_features=...)`` adds a projection of these (B, num_queries, this)
+    # features to the learned queries, e.g. stage 2's output resampler starting each output token
+    # from the previous frame's token at the same place, so it edits that frame instead of
+    # drawing from nothing
+    query_input_dim: int = 0
 
 
 class CrossAttention(nn.Module):
@@ -71,6 +76,7 @@ class PerceiverResampler(nn.Module):
         self.config = config
         self.proj_in = nn.Linear(config.input_dim, config.dim)
         self.queries = nn.Parameter(torch.randn(config.num_queries, config.dim) * config.dim**-0.5)
+        self.proj_query = nn.Linear(config.query_input_dim, config.dim) if config.query_input_dim else None
         self.blocks = nn.ModuleList(
             nn.ModuleList([CrossAttention(config.dim, config.heads, config.dim_head), FeedForward(config.dim, config.ff_mult)])
             for _ in range(config.depth)
@@ -86,10 +92,16 @@ class PerceiverResampler(nn.Module):
     def output_dim(self) -> int:
         return self.config.output_dim
 
-    def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
-        """``queries`` (B, Q, dim) replaces the learned ones (stage 2 passes LLM-made queries)."""
+    def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None,
+                query_features: torch.Tensor | None = None) -> torch.Tensor:
+        """``queries`` (B, Q, dim) replaces the learned ones; ``query_features`` (see
+        ``query_input_dim``) are projected and added to them."""
         context = self.proj_in(x)
         latents = self.queries.expand(x.shape[0], -1, -1) if queries is None else queries
+        if (self.proj_query is None) != (query_features is None):
+            raise ValueError("query_features are given exactly when the config has query_input_dim > 0")
+        if query_features is not None:
+            latents = latents + self.proj_query(query_features.to(latents.dtype))
         if self.config.queries_from_input:
             if context.shape[1] != latents.shape[1]:
                 raise ValueError(f"queries_from_input needs num_queries == input tokens, got {latents.shape[1]} and {context.shape[1]}")

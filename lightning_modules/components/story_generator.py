@@ -43,7 +43,9 @@ class GenerationSettings:
     num_inference_steps: int | None = None  # None: the de-tokenizer's default
     guidance_scale: float | None = None
     context: ContextPolicy = field(default_factory=ContextPolicy)
-    reencode_images: bool = False  # context = ViT features of the drawn image instead of the regressed ones
+    # the next step reads the ViT features of the drawn image (context and residual base) instead of the
+    # regressed ones: drawing snaps blurred regressions back onto real images, so errors compound less
+    reencode_images: bool = False
     draw_images: bool = True  # False: text and features only (benchmarks of the LLM part)
     seed: int = 0
 
@@ -58,6 +60,11 @@ class StoryStep:
     image_seconds: float = 0.0
     kv_bytes: int = 0
     cached_tokens: int = 0
+    read_features: torch.Tensor | None = None  # what later steps read for this frame (None: ``features``)
+
+    @property
+    def context_features(self) -> torch.Tensor:
+        return self.features if self.read_features is None else self.read_features
 
 
 @dataclass
@@ -151,6 +158,7 @@ class StoryGenerator:
                  for i, (c, f) in enumerate(zip(start_captions, features))]
         generator = torch.Generator().manual_seed(self.settings.seed)
         policy = self.settings.context
+        previous = story[-1].features  # the last frame as the model sees it (the residual base)
         context = None
         if policy.mode != "window":
             context = _LLMContext(mllm)
@@ -163,9 +171,9 @@ class StoryGenerator:
                 context = _LLMContext(mllm)
                 recent = story[-policy.window_frames :]
                 for i, step in enumerate(recent):
-                    self._feed_frame(context, step.caption, step.features, frame - len(recent) + i)
+                    self._feed_frame(context, step.caption, step.context_features, frame - len(recent) + i)
             given = captions[t] if captions is not None else None
-            caption, features = self._write_step(context, frame, given, generator, story[-1].features)
+            caption, features = self._write_step(context, frame, given, generator, previous)
             llm_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             image = None
@@ -176,13 +184,13 @@ class StoryGenerator:
                                                 guidance_scale=self.settings.guidance_scale)[0]
             image_seconds = time.perf_counter() - t1
             t2 = time.perf_counter()
-            context_features = self._reencode(image) if self.settings.reencode_images and image is not None else features
-            self._close_image(context, context_features, frame)
+            previous = self._reencode(image) if self.settings.reencode_images and image is not None else features
+            self._close_image(context, previous, frame)
             if policy.mode == "sink":
                 context.evict_to(sink.sink_keep_indices(context.log, policy.sink))
             llm_seconds += time.perf_counter() - t2
             story.append(StoryStep(caption, features, image, False, llm_seconds, image_seconds,
-                                   sink.cache_bytes(context.cache), len(context)))
+                                   sink.cache_bytes(context.cache), len(context), previous))
         return Story(story, self.settings)
 
     def branch(self, start_vit_pixels: torch.Tensor, opening_texts: list[str], **kwargs) -> list[Story]:
