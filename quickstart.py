@@ -106,9 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  checkpoints      {ROOT / 'runs'}/tiny_*/checkpoints/  (resume: train.py fit --config ... --ckpt_path last)")
     print(f"  exports          {ROOT / 'runs'}/tiny_*/export/")
     print(f"  metrics.json     {metrics}")
+    retention = ROOT / "runs/tiny_stories/retention.json"
+    print(f"  retention.json   {retention}  (per step: the start frame's cast and background still found)")
     print(f"  W&B offline runs {ROOT / 'runs'}/tiny_*/wandb/offline-run-*  (upload later with `wandb sync <dir>`)")
     if metrics.exists():
         print("\n" + json.dumps(json.loads(metrics.read_text())["metrics"], indent=2))
+    if retention.exists():
+        scores = json.loads(retention.read_text())
+        kept = [f"{k}: cast {scores['cast'][k]:.2f} / background {scores['background'][k]:.2f}"
+                for k in (0, 1, 5, 10, 25) if k < len(scores["cast"])]
+        print("\nwhat the generated stories keep of their start frame, by step:\n  " + "\n  ".join(kept))
     return 0
 
 
