@@ -43,8 +43,9 @@ class GenerationSettings:
     num_inference_steps: int | None = None  # None: the de-tokenizer's default
     guidance_scale: float | None = None
     context: ContextPolicy = field(default_factory=ContextPolicy)
-    # the next step reads the ViT features of the drawn image (context and residual base) instead of the
-    # regressed ones: drawing snaps blurred regressions back onto real images, so errors compound less
+    # the next step reads the ViT features of the drawn image (context and residual base) instead of
+    # the regressed ones (the idea: drawing snaps a blurred regression back onto an image; on the tiny
+    # pipeline it kept characters worse, see the README)
     reencode_images: bool = False
     draw_images: bool = True  # False: text and features only (benchmarks of the LLM part)
     seed: int = 0
