@@ -258,18 +258,17 @@ class DetokenizerAdaptationModule(L.LightningModule):
         return [{"characters": sorted(c), "background": b} for c, b in zip(characters, backgrounds, strict=True)]
 
     def on_predict_end(self) -> None:
-        if self._retention is None or int(self._retention.stories.sum()) == 0:
+        if self._retention is None:
             return
         from callbacks.metrics.story_metrics import retention_table
 
-        scores = self._retention.compute()
-        if self.trainer.is_global_zero:
+        scores = self._retention.compute()  # synced: every rank calls it, whatever it scored itself
+        if len(scores["stories"]) and self.trainer.is_global_zero:
             path = Path(self.output_dir) / "retention.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({name: value.tolist() for name, value in scores.items()} | {
                 "evaluator_dir": self.evaluator_dir, "detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}, indent=2))
-            log.info("what the stories keep of their start frame (%s):\n%s", path, retention_table(scores))
-            print(retention_table(scores))
+            print(f"what the stories keep of their start frame ({path}):\n{retention_table(scores)}")
 
     # -- standalone evaluation -------------------------------------------------------------
 

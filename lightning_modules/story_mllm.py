@@ -28,7 +28,7 @@ from torch import nn
 
 from datamodules.batch import batch_size
 from lightning_modules.components import sharding, story_llm
-from lightning_modules.components.diffusion import sample_key
+from lightning_modules.components.diffusion import noise_keys
 from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sequence import IGNORE_INDEX, StorySequence, Supervise, build_story_sequences
@@ -266,9 +266,8 @@ class StoryMLLMModule(L.LightningModule):
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         cos = F.cosine_similarity(out.predicted_features, out.target_features, dim=-1).mean()
         rec = self._regression_loss(out.predicted_features, out.target_features)
-        with torch.no_grad():  # the copy baseline: "the next frame is the previous one"
-            rec_copy = self._regression_loss(out.previous_features, out.target_features)
         with torch.no_grad():
+            rec_copy = self._regression_loss(out.previous_features, out.target_features)  # "next = previous"
             accuracy = (logits.argmax(-1)[supervised] == labels[supervised]).float().mean()
         return {
             "loss": self.lm_weight * ce + self.rec_weight * rec,
@@ -340,8 +339,8 @@ def blur_toward_story_mean(features: torch.Tensor, feature_index: torch.Tensor, 
         frames = (feature_index[b] >= 0).nonzero().flatten()
         rows = feature_index[b, frames]
         mean = features[rows].mean(0, keepdim=True)
-        share = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(sample_key(seed, 0, story, int(frame_index[b, f]))))
-                             for f in frames]) * max_share
+        keys = noise_keys(seed, 0, [(story, frame_index[b, f]) for f in frames])
+        share = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(key)) for key in keys]) * max_share
         share = share.to(features.device, features.dtype)[:, None, None]
         out[rows] = features[rows] * (1 - share) + mean * share
     return out
