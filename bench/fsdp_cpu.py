@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from datamodules import synthetic
-from lightning_modules.components.tokenizer import make_tiny_tokenizer
+from datamodules.tokenizer import make_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def run(world: Path, tokenizer: Path, out: Path, processes: int, steps: int, bat
            f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'val.jsonl'}",
            f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
            "--data.init_args.synthetic=null", f"--data.init_args.batch_size={batch // processes}",
-           f"--model.init_args.tokenizer_path={tokenizer}", "--model.init_args.export_dir=null", "--model.init_args.scheduler=null",
+           f"--model.init_args.story_format.tokenizer={tokenizer}", "--model.init_args.export_dir=null", "--model.init_args.scheduler=null",
            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
            "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--trainer.default_root_dir={out}",
            f"--trainer.callbacks+={{'class_path': 'callbacks.memory.MemoryReportCallback', 'init_args': {{'out_dir': '{out}'}}}}"]

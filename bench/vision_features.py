@@ -21,8 +21,8 @@ import yaml
 
 from datamodules.storystream import StoryStreamDataModule
 from datamodules.synthetic import CHARACTER_NAMES
+from evaluation.evaluator import names_to_multi_hot
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
-from lightning_modules.evaluator import names_to_multi_hot
 
 
 def collect(dm: StoryStreamDataModule, loader, encoder: FrozenVisionEncoder, limit: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from lightning_modules.components.story_generator import GenerationSettings, Story
 from lightning_modules.components.storyboard import storyboard_html, to_pil, write_story
@@ -100,7 +99,3 @@ class SampleStoryCallback(L.Callback):
                 storyboard_html(f"story {story_id} ({mode})", story.captions, pictures, [s.given for s in story.steps]))
         logger.experiment.log({"samples/stories": table, **boards, "trainer/global_step": trainer.global_step})
 
-
-def images_of(story: Story) -> torch.Tensor:
-    """The generated (not given) frames of a story, stacked (n, 3, H, W) in [-1, 1]."""
-    return torch.stack([s.image for s in story.steps if not s.given])

@@ -1,45 +1,23 @@
-"""Scoring generated stories against the truth, during validation and as a standalone test.
+"""Scoring generated stories against the truth during validation (``val/<metric>``).
 
-Protocol (StoryDALL-E / StoryGPT-V, "visualization"): start from a story's first frame and
-caption, give the true captions of the next ``steps`` frames, let the model draw them, and
-compare the drawn frames with the true ones (FID, CLIP-I, CLIP-T, character F1, frame and
-background accuracy, within-story consistency).
+The protocol and the metrics live in :mod:`evaluation` (:func:`evaluation.protocol.score_story`,
+:class:`evaluation.story_metrics.StoryMetrics`); this module only hooks them into training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
-from callbacks.metrics.story_metrics import StoryMetrics
-from callbacks.sample_stories import images_of
 from datamodules.images import UnreadableImage
+from evaluation.protocol import metric_table, rank_share, score_story
+from evaluation.story_metrics import StoryMetrics
 
 log = logging.getLogger(__name__)
-
-
-def score_story(pl_module, metrics: StoryMetrics, frames: dict[str, Any], start_frames: int = 1, settings=None) -> bool:
-    """Generate the frames after ``start_frames`` with their true captions and update ``metrics``.
-
-    Returns False (and scores nothing) when the story has no frame after its start frames.
-    """
-    k = start_frames
-    if len(frames["captions"]) <= k:
-        return False
-    story = pl_module.generate_story(frames["vit_pixels"][:k], frames["captions"][:k], frames["pixels"][:k],
-                                     given_captions=frames["captions"][k:], settings=settings)
-    generated = images_of(story).to(pl_module.device)
-    n = len(generated)
-    truth = frames["pixels"][k : k + n].to(pl_module.device)
-    characters = frames["characters"][k : k + n] if frames["characters"] else None
-    metrics.update(generated, truth, frames["captions"][k : k + n], characters, [frames["background"]] * n,
-                   [frames["story_id"]] * n)
-    return True
 
 
 def _load(dataset, index: int, steps: int) -> dict[str, Any] | None:
@@ -48,17 +26,6 @@ def _load(dataset, index: int, steps: int) -> dict[str, Any] | None:
     except UnreadableImage as err:
         log.warning("story metrics: val story %d is unreadable, not scored: %s", index, err)
         return None
-
-
-def rank_share(total: int, rank: int, world_size: int) -> list[int]:
-    """Story indices ``rank`` scores: ``rank, rank + world_size, ...``, padded with -1 so that every
-    rank gets ``ceil(total / world_size)`` entries."""
-    mine = list(range(rank, total, world_size))
-    return mine + [-1] * (-(-total // world_size) - len(mine))
-
-
-def metric_table(scores: dict[str, float]) -> str:
-    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in sorted(scores.items()))])
 
 
 class StoryMetricsCallback(L.Callback):
@@ -112,12 +79,4 @@ class StoryMetricsCallback(L.Callback):
             pl_module.log(f"val/{name}", value, rank_zero_only=True)
         if trainer.is_global_zero:
             log.info("story metrics at step %d:\n%s", trainer.global_step, metric_table(scores))
-
-
-def write_metrics(folder: str | Path, scores: dict[str, float], info: dict[str, Any]) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "metrics.json"
-    path.write_text(json.dumps({"metrics": scores, **info}, indent=2, default=str))
-    return path
 

@@ -38,6 +38,9 @@ key                 shape / type                 meaning
 ``background``      list[str | None]             ground-truth background style, or None
 ``story_id``        list[str]                    id of the source record
 ``frame_index``     long (B, T)                  index of each frame in its record, -1 where padded
+``sequence``        StorySequence                the interleaved token layout of the captions, padded
+                                                 (only with a story format that has text: stages 2-3;
+                                                 see :mod:`datamodules.sequence`)
 ``skipped``         dict[str, int]               samples of this batch dropped at load time, by kind
 ==================  ===========================  ====================================================
 
@@ -78,8 +81,9 @@ def collate_frames(samples: list[dict[str, Any] | str]) -> dict[str, Any]:
     return batch
 
 
-def collate_stories(samples: list[dict[str, Any] | str]) -> dict[str, Any]:
-    """Pad story chunks to the longest one in the batch and build ``frame_mask``."""
+def collate_stories(samples: list[dict[str, Any] | str], story_format=None) -> dict[str, Any]:
+    """Pad story chunks to the longest one in the batch and build ``frame_mask``; pad their
+    laid-out token sequences with ``story_format`` (:class:`~datamodules.story_format.StoryFormat`)."""
     good, skipped = _split_skipped(samples)
     batch: dict[str, Any] = {"skipped": skipped}
     if not good:
@@ -100,6 +104,8 @@ def collate_stories(samples: list[dict[str, Any] | str]) -> dict[str, Any]:
     batch["frame_index"] = frame_index
     for key in LIST_KEYS:
         batch[key] = [s[key] for s in good]
+    if story_format is not None:
+        batch["sequence"] = story_format.collate([s["sequence"] for s in good])
     return batch
 
 

@@ -13,6 +13,7 @@ drawn from ``(seed, epoch, index)``, so a run is reproducible and can be resumed
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -31,8 +32,11 @@ from datamodules import records, shards
 from datamodules.batch import collate_frames, collate_stories
 from datamodules.images import FileStore, FrameViews, ImageStore, TarStore, UnreadableImage, decode_rgb
 from datamodules.records import SkipCounter, StoryRecord
+from datamodules.story_format import StoryFormat
 
 log = logging.getLogger(__name__)
+
+DEFAULT_VIT_SIZE = 224  # the ViT view's side when neither the config nor a story format gives one
 
 @dataclass
 class SyntheticWorld:
@@ -61,6 +65,7 @@ class StoryStreamDataset(Dataset):
         max_images: int,
         seed: int,
         frames: list[tuple[int, int]] | None = None,
+        story_format: StoryFormat | None = None,
     ):
         self.stories = stories
         self.store = store
@@ -69,6 +74,7 @@ class StoryStreamDataset(Dataset):
         self.min_images = min_images
         self.max_images = max_images
         self.seed = seed
+        self.story_format = story_format if story_format is not None and story_format.has_text else None
         # frames mode: (story, frame) pairs whose image passed the setup check
         self.frames = frames if frames is not None else [(s, f) for s, st in enumerate(stories) for f in range(len(st))]
 
@@ -132,18 +138,22 @@ class StoryStreamDataset(Dataset):
         start, length = self.chunk_bounds(index, epoch)
         span = range(start, start + length)
         views = [self._load(story.images[f], rng) for f in span]
-        return {
+        captions = [story.captions[f] for f in span]
+        sample = {
             "vit_pixels": torch.stack([v["vit_pixels"] for v in views]),
             "pixels": torch.stack([v["pixels"] for v in views]),
             "original_size": [v["original_size"] for v in views],
             "crop_top_left": [v["crop_top_left"] for v in views],
             "target_size": [v["target_size"] for v in views],
-            "captions": [story.captions[f] for f in span],
+            "captions": captions,
             "characters": [story.characters[f] for f in span] if story.characters else None,
             "background": story.background,
             "story_id": story.story_id,
             "frame_index": list(span),
         }
+        if self.story_format is not None:  # tokenised and laid out here, in the worker
+            sample["sequence"] = self.story_format.encode(captions)
+        return sample
 
 
 class EpochSampler(DistributedSampler):
@@ -197,7 +207,11 @@ class StoryStreamDataModule(L.LightningDataModule):
         image_root: folder that the jsonl image paths are relative to (unused for shards).
         mode: ``"frames"`` (single images, stage 1) or ``"stories"`` (chunks, stages 2-3).
         max_images / min_images: a story sample has ``min_images..max_images`` consecutive frames.
-        vit_image_size: side of the ViT view (the encoder's input size, e.g. 448 for Qwen-VL).
+        vit_image_size: side of the ViT view; leave it unset when ``story_format`` gives it.
+        story_format: the model's :class:`~datamodules.story_format.StoryFormat` (``train.py`` links it
+            from the model): the ViT view's size, and, for stages 2-3, the tokenizer and layout that
+            story samples are encoded with in the workers. Its tokenizer is trained on the train
+            split in ``prepare_data`` when the format asks for it.
         image_size: (height, width) or a side of the diffusion view.
         synthetic: make the synthetic world in ``prepare_data`` when the files are absent.
     """
@@ -215,17 +229,24 @@ class StoryStreamDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        vit_image_size: int = 224,
+        vit_image_size: int | None = None,
         image_size: int | tuple[int, int] = 64,
         random_crop: bool = False,
         shuffle: bool = True,
         seed: int = 0,
         synthetic: SyntheticWorld | None = None,
+        story_format: StoryFormat | None = None,
     ):
         super().__init__()
         if min_images < 1 or max_images < min_images:
             raise ValueError(f"need 1 <= min_images <= max_images, got {min_images} and {max_images}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["story_format"])
+        self.story_format = story_format
+        if story_format is not None:
+            if vit_image_size not in (None, story_format.vit_image_size):
+                raise ValueError(f"data.vit_image_size={vit_image_size} but the model's vision encoder takes "
+                                 f"{story_format.vit_image_size}px: remove vit_image_size from the data config")
+            vit_image_size = story_format.vit_image_size
         self.files: dict[str, list[str]] = {
             "train": _as_list(train_files),
             "val": _as_list(val_files),
@@ -240,7 +261,7 @@ class StoryStreamDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.views = FrameViews(vit_size=vit_image_size, image_size=size, random_crop=random_crop)
+        self.views = FrameViews(vit_size=vit_image_size or DEFAULT_VIT_SIZE, image_size=size, random_crop=random_crop)
         self.shuffle = shuffle
         self.seed = seed
         self.synthetic = synthetic
@@ -253,13 +274,17 @@ class StoryStreamDataModule(L.LightningDataModule):
     # -- data creation and loading -------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Make the synthetic world once (rank 0 of each node) if it is configured and absent."""
-        if self.synthetic is None:
-            return
+        """Make the synthetic world once (rank 0 of each node) if it is configured and absent, then
+        the story format's tokenizer (trained on the train split) if it asks for one."""
+        if self.synthetic is not None:
+            self._prepare_synthetic()
+        if self.story_format is not None:
+            self.story_format.prepare(self.files["train"])
+
+    def _prepare_synthetic(self) -> None:
         needed = [f for fs in self.files.values() for f in fs if not shards.is_shard_spec(f)]
-        if needed and all(Path(f).exists() for f in needed):
-            return
-        make_synthetic_world(self.synthetic)
+        if not (needed and all(Path(f).exists() for f in needed)):
+            make_synthetic_world(self.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -306,7 +331,8 @@ class StoryStreamDataModule(L.LightningDataModule):
             store = TarStore(members)
             frames = None
         log.info("%s: %d stories from %s", split, len(stories), self.files[split])
-        return StoryStreamDataset(stories, store, self.views, self.mode, self.min_images, self.max_images, self.seed, frames)
+        return StoryStreamDataset(stories, store, self.views, self.mode, self.min_images, self.max_images, self.seed, frames,
+                                  self.story_format)
 
     def _check_images(self, stories: list[StoryRecord], store: FileStore) -> tuple[list[StoryRecord], list[tuple[int, int]]]:
         """Drop a story (stories mode) or a frame (frames mode) whose image file is not usable."""
@@ -340,7 +366,7 @@ class StoryStreamDataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=collate_frames if self.mode == "frames" else collate_stories,
+            collate_fn=collate_frames if self.mode == "frames" else functools.partial(collate_stories, story_format=dataset.story_format),
             persistent_workers=False,
             drop_last=False,
         )

@@ -1,11 +1,11 @@
 """Stage 1: the de-tokenizer. Frozen ViT features of a frame -> SD-XL-style UNet that redraws it.
 
 Orchestration only: the vision encoder, adapter, UNet/codec builders, sampler and EMA live in
-:mod:`lightning_modules.components`; metrics in :mod:`callbacks.metrics.reconstruction`.
+:mod:`lightning_modules.components`; metrics in :mod:`evaluation.reconstruction`.
 
 Tiny default (CPU minutes): a seeded random CLIP tower (64 px, patch 8 -> 64 tokens x 128), a small
 perceiver adapter, a small SD-XL-shaped UNet (``addition_embed_type="text_time"``) diffusing 64x64
-*pixels* (no VAE, see :class:`~lightning_modules.components.diffusion.PixelCodec`). Minutes of
+*pixels* (no VAE, see :class:`~lightning_modules.components.codecs.PixelCodec`). Minutes of
 training are enough for the UNet to denoise but not to learn, through cross-attention, where each
 feature token belongs; the tiny config therefore keeps the token grid in the resampler, lays the
 tokens out as a spatial map on the UNet input (``adapter.spatial_channels``, the largest gain:
@@ -32,26 +32,21 @@ from diffusers import EulerDiscreteScheduler
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from safetensors.torch import load_file, save_file
 
-from callbacks.metrics.reconstruction import reconstruction_metrics
 from datamodules.batch import batch_size
+from datamodules.story_format import StoryFormat
+from evaluation.reconstruction import reconstruction_metrics
 from lightning_modules.components import sharding
-from lightning_modules.components.diffusion import (
+from lightning_modules.components.codecs import load_codec
+from lightning_modules.components.ema import ParameterEMA
+from lightning_modules.components.noise import (
     NoiseSpec,
-    ParameterEMA,
-    TrainUNet,
-    UNetSpec,
     build_noise_scheduler,
-    build_unet,
     diffusion_target,
     draw_training_noise,
-    load_codec,
-    merged_unet_copy,
     noise_keys,
-    sample_latents,
-    select_trainable,
-    unet_input,
 )
 from lightning_modules.components.perceiver import PerceiverConfig
+from lightning_modules.components.sampling import sample_latents, unet_input
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sdxl_adapter import (
     SDXLAdapter,
@@ -61,6 +56,7 @@ from lightning_modules.components.sdxl_adapter import (
     sdxl_time_ids,
 )
 from lightning_modules.components.sharding import FSDPSettings
+from lightning_modules.components.unet import TrainUNet, UNetSpec, build_unet, merged_unet_copy, select_trainable
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -163,6 +159,7 @@ class DetokenizerModule(L.LightningModule):
         self.scheduler_factory = scheduler
 
         self.vision_encoder = FrozenVisionEncoder(self.vision_config)
+        self.story_format = StoryFormat(None, self.vision_encoder.image_size)  # frames only: the ViT view's size
         self._check_adapter_input()
         self.adapter = SDXLAdapter(self.adapter_config)
         self.noise_scheduler = build_noise_scheduler(self.noise_spec)
@@ -248,7 +245,7 @@ class DetokenizerModule(L.LightningModule):
 
         In training, a ``cond_dropout`` share of the samples get the zero-image features instead.
         Noise, timesteps and dropout come from ``noise_keys`` (one per sample, see
-        :func:`~lightning_modules.components.diffusion.draw_training_noise`) or from ``generator``.
+        :func:`~lightning_modules.components.noise.draw_training_noise`) or from ``generator``.
         """
         n = features.shape[0]
         latents = self.codec.encode(pixels.to(self.dtype)).float()
@@ -376,7 +373,7 @@ class DetokenizerModule(L.LightningModule):
         sharding.export_at_fit_end(self, self.export_dir)
 
     def export(self, directory: str | Path) -> Path:
-        """This stage's release format (what ``lightning_modules.consolidate`` writes too)."""
+        """This stage's release format (what ``tools.consolidate`` writes too)."""
         return self.save_detokenizer(directory)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

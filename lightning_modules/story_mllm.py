@@ -1,13 +1,14 @@
 """Stage 2: the story-teller MLLM. Interleaved frames + captions -> next caption + next frame's features.
 
-Orchestration only: tokenizer, sequence layout, LLM building and the resampler live in
-:mod:`lightning_modules.components`. The loss is ``lm_weight * CE + rec_weight * regression``
-(``1 - cos`` per feature token by default, MSE optional) on the layout of
-:mod:`lightning_modules.components.sequence`.
+Orchestration only: the story format (tokenizer, ViT view, interleaved layout) is
+:class:`datamodules.story_format.StoryFormat`, so batches arrive tokenised; LLM building and the
+resamplers live in :mod:`lightning_modules.components`. The loss is
+``lm_weight * CE + rec_weight * regression`` (``1 - cos`` per feature token by default, MSE
+optional) on the layout of :mod:`datamodules.sequence`.
 
 Tiny default: a small Llama built from a config with random init and trained fully (LoRA on a
 random network has nothing to preserve), a BPE tokenizer trained on the synthetic captions in
-``prepare_data``. Real scale: Llama-2-7b from a local folder with LoRA (r 16, alpha 32) on every
+the datamodule's ``prepare_data``. Real scale: Llama-2-7b from a local folder with LoRA (r 16, alpha 32) on every
 projection, norms / embeddings / LM head trained, the published optimiser recipe.
 """
 
@@ -27,18 +28,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from datamodules.batch import batch_size
+from datamodules.sequence import IGNORE_INDEX, StorySequence
+from datamodules.story_format import StoryFormat, StoryFormatConfig
 from lightning_modules.components import sharding, story_llm
-from lightning_modules.components.diffusion import noise_keys
+from lightning_modules.components.noise import noise_keys
 from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
 from lightning_modules.components.schedules import optimizer_config
-from lightning_modules.components.sequence import IGNORE_INDEX, StorySequence, Supervise, build_story_sequences
 from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
-from lightning_modules.components.tokenizer import (
-    StoryTokens,
-    load_story_tokenizer,
-    make_tiny_tokenizer,
-)
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -64,15 +61,13 @@ class StoryMLLMModule(L.LightningModule):
 
     Args:
         llm: where the LLM comes from (local folder, architecture config, or ``meta_init``).
-        tokenizer_path: local tokenizer folder (the LLM's own at real scale).
-        tokenizer_train_file: tiny default: if ``tokenizer_path`` is absent, ``prepare_data``
-            trains a BPE tokenizer on this jsonl's captions and saves it there.
+        story_format: tokenizer folder, Q (the image slots per frame, real 64), ``supervise``
+            (``last``, SEED-Story's, or ``all``: every step's caption and image in one pass) and
+            the token budget ``max_length``; the datamodule encodes batches with it.
         vision_encoder: the frozen visual tokenizer, the same config as stage 1.
-        num_queries: Q, the image slots per frame (real 64).
         input_resampler / output_resampler: perceiver shapes; the input/output widths and query
             counts are filled in from the encoder, Q and the LLM width.
         lora: LoRA settings; ``None`` trains the whole LLM (the tiny random-init default).
-        supervise: ``last`` (SEED-Story) or ``all`` (every step's caption and image in one pass).
         rec_loss: ``cosine`` (``1 - cos`` per feature token) or ``mse``.
         residual_features: regress the change from the previous frame's features (prediction =
             previous + resampler output). Consecutive frames share most of their content, so this
@@ -85,30 +80,24 @@ class StoryMLLMModule(L.LightningModule):
             sharp. Generation reads back its own regressed features, which regression to the mean
             has blurred (a character half-faded where it might have moved); trained on such input,
             the model restores them instead of fading a little more at every step.
-        max_length: token budget; longer samples lose whole leading steps (counted).
         export_dir: where ``save_mllm`` writes at the end of ``fit`` (None: not written).
         fsdp: sharding switches used under ``ModelParallelStrategy`` (mixed precision, checkpointing).
     """
 
     def __init__(
         self,
-        llm: LLMSpec | None = None,
-        tokenizer_path: str = "data/synthetic/tokenizer",
-        tokenizer_train_file: str | None = None,
-        tokenizer_vocab_size: int = 512,
+        llm: LLMSpec,
+        story_format: StoryFormatConfig | None = None,
         vision_encoder: VisionEncoderConfig | None = None,
-        num_queries: int = 64,
         input_resampler: PerceiverConfig | None = None,
         output_resampler: PerceiverConfig | None = None,
         lora: LoRASpec | None = None,
-        supervise: Supervise = "last",
         lm_weight: float = 1.0,
         rec_weight: float = 1.0,
         rec_loss: Literal["cosine", "mse"] = "cosine",
         residual_features: bool = False,
         queries_from_previous: bool = False,
         context_blur: float = 0.0,
-        max_length: int = 1280,
         gradient_checkpointing: bool = False,
         export_dir: str | None = None,
         fsdp: FSDPSettings | None = None,
@@ -118,21 +107,17 @@ class StoryMLLMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.fsdp = fsdp or FSDPSettings()
-        self.llm_spec = llm or LLMSpec(config=TINY_LLAMA)
-        self.tokenizer_path = tokenizer_path
-        self.tokenizer_train_file = tokenizer_train_file
-        self.tokenizer_vocab_size = tokenizer_vocab_size
+        self.llm_spec = llm
         self.vision_encoder = FrozenVisionEncoder(vision_encoder or VisionEncoderConfig())
-        self.num_queries = num_queries
+        self.story_format = StoryFormat(story_format or StoryFormatConfig(), self.vision_encoder.image_size)
+        num_queries = self.story_format.num_queries
         self.lora = lora
-        self.supervise = supervise
         self.lm_weight = lm_weight
         self.rec_weight = rec_weight
         self.rec_loss = rec_loss
         self.residual_features = residual_features
         self.queries_from_previous = queries_from_previous
         self.context_blur = context_blur
-        self.max_length = max_length
         self.gradient_checkpointing = gradient_checkpointing
         self.export_dir = export_dir
         self.optimizer_factory = optimizer
@@ -146,38 +131,28 @@ class StoryMLLMModule(L.LightningModule):
             output_resampler or PerceiverConfig(), input_dim=width, num_queries=encoder.num_tokens, output_dim=encoder.dim,
             query_input_dim=encoder.dim if queries_from_previous else 0))
         self.llm: nn.Module | None = None
-        self.tokenizer = None
-        self.tokens: StoryTokens | None = None
         self.base_vocab_size: int | None = None
-        self.dropped_steps = 0
 
     # -- building --------------------------------------------------------------------------
 
-    def prepare_data(self) -> None:
-        if self.tokenizer_train_file and not Path(self.tokenizer_path).exists():
-            make_tiny_tokenizer(self.tokenizer_train_file, self.tokenizer_path, self.tokenizer_vocab_size)
+    @property
+    def num_queries(self) -> int:
+        return self.story_format.num_queries
 
     def configure_model(self) -> None:
-        """Build the tokenizer and LLM (late, so FSDP can shard and ``meta`` stays cheap)."""
+        """Build the LLM for the format's tokenizer (late, so FSDP can shard and ``meta`` stays cheap)."""
         if self.llm is not None:
             return
-        has_tokenizer = Path(self.tokenizer_path).exists()
-        if has_tokenizer:
-            self.tokenizer = load_story_tokenizer(self.tokenizer_path, self.num_queries)
-            self.tokens = StoryTokens.of(self.tokenizer, self.num_queries)
+        fmt = self.story_format
+        has_tokenizer = fmt.has_tokenizer()
+        if not has_tokenizer and not self.llm_spec.meta_init:
+            fmt.prepare([])  # raises, naming the folder and the fix
         # a config-built LLM takes the tokenizer's base vocabulary; a loaded one keeps its own
         from_config = self.llm_spec.path is None and has_tokenizer
-        model = story_llm.build_llm(self.llm_spec, vocab_size=self.tokenizer.vocab_size if from_config else None)
+        model = story_llm.build_llm(self.llm_spec, vocab_size=fmt.tokenizer.vocab_size if from_config else None)
         self.base_vocab_size = model.get_input_embeddings().weight.shape[0]
-        if has_tokenizer:
-            story_llm.grow_vocabulary(model, len(self.tokenizer))
-        elif self.llm_spec.meta_init:  # shape checks without tokenizer files
-            story_llm.grow_vocabulary(model, self.base_vocab_size + self.num_queries + 2)
-        else:
-            raise FileNotFoundError(
-                f"tokenizer_path {self.tokenizer_path} does not exist; point it at the LLM's local tokenizer "
-                "or set tokenizer_train_file to train the tiny one"
-            )
+        # meta_init without tokenizer files (shape checks): the Q + 2 story tokens a tokenizer would add
+        story_llm.grow_vocabulary(model, len(fmt.tokenizer) if has_tokenizer else self.base_vocab_size + self.num_queries + 2)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -200,8 +175,6 @@ class StoryMLLMModule(L.LightningModule):
     def ensure_built(self) -> None:
         if self.llm is None:
             self.configure_model()
-        if self.tokens is None:
-            raise RuntimeError("the tokenizer is missing; run prepare_data or set tokenizer_path")
 
     # -- the teacher-forced pass ----------------------------------------------------------
 
@@ -218,9 +191,9 @@ class StoryMLLMModule(L.LightningModule):
         self.ensure_built()
         if features is None:
             features, feature_index = self.story_features(batch)
-        seq = build_story_sequences(batch["captions"], self.tokenizer, self.tokens, self.supervise, self.max_length)
-        seq = _to_device(seq, self.device)
-        self.dropped_steps += seq.dropped_steps
+        # batches from the DataLoader arrive laid out; others (tools, tests) are laid out here, the same way
+        seq = batch["sequence"] if "sequence" in batch else self.story_format.encode_batch(batch["captions"])
+        seq = seq.to(self.device)
         read = None
         if self.training and self.context_blur > 0 and "story_id" in batch:
             read = blur_toward_story_mean(features, feature_index, batch["story_id"], batch["frame_index"],
@@ -292,8 +265,9 @@ class StoryMLLMModule(L.LightningModule):
         for name, value in terms.items():
             self.log(f"{stage}/{name}", value, batch_size=n, prog_bar=name in ("loss", "token_acc"),
                      sync_dist=stage != "train", on_step=stage == "train", on_epoch=stage != "train")
-        if out.sequence.dropped_steps:
-            self.log(f"{stage}/dropped_steps", float(out.sequence.dropped_steps), batch_size=n, reduce_fx="sum")
+        for name in ("dropped_steps", "truncated_captions"):  # what the token budget cut
+            if getattr(out.sequence, name):
+                self.log(f"{stage}/{name}", float(getattr(out.sequence, name)), batch_size=n, reduce_fx="sum")
         return terms["loss"]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -321,11 +295,6 @@ class StoryMLLMModule(L.LightningModule):
         """peft adapter (or full LLM), resamplers as safetensors, tokenizer and ``mllm.json``."""
         return save_mllm(self, directory)
 
-    # -- checkpoints: the frozen tower is rebuilt, never stored -------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["story_vocab_size"] = len(self.tokenizer) if self.tokenizer is not None else None
-
 
 def blur_toward_story_mean(features: torch.Tensor, feature_index: torch.Tensor, story_ids: list[str],
                            frame_index: torch.Tensor, max_share: float, seed: int) -> torch.Tensor:
@@ -346,28 +315,6 @@ def blur_toward_story_mean(features: torch.Tensor, feature_index: torch.Tensor, 
     return out
 
 
-def _to_device(seq: StorySequence, device: torch.device) -> StorySequence:
-    return dataclasses.replace(seq, **{
-        f.name: getattr(seq, f.name).to(device)
-        for f in dataclasses.fields(seq) if isinstance(getattr(seq, f.name), torch.Tensor)
-    })
-
-
-# A small Llama for the CPU default (about 1.3 M parameters at a 512-token vocabulary).
-TINY_LLAMA: dict[str, Any] = {
-    "model_type": "llama",
-    "vocab_size": 512,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
-
-
 # -- export ----------------------------------------------------------------------------------
 
 
@@ -385,7 +332,7 @@ def save_mllm(module: StoryMLLMModule, out_dir: str | Path) -> Path:
         module.llm.save_pretrained(str(out / "llm_adapter"))
     else:
         module.llm.save_pretrained(str(out / "llm"))
-    module.tokenizer.save_pretrained(str(out / "tokenizer"))
+    module.story_format.tokenizer.save_pretrained(str(out / "tokenizer"))
     resamplers = {f"input_resampler.{k}": v for k, v in module.input_resampler.state_dict().items()}
     resamplers.update({f"output_resampler.{k}": v for k, v in module.output_resampler.state_dict().items()})
     save_file({k: v.detach().float().cpu().contiguous() for k, v in resamplers.items()}, str(out / RESAMPLERS_FILE))
@@ -400,26 +347,40 @@ def save_mllm(module: StoryMLLMModule, out_dir: str | Path) -> Path:
     return out
 
 
-def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> StoryMLLMModule:
-    """Rebuild a trained stage-2 MLLM from :func:`save_mllm`'s folder (frozen, eval mode)."""
+def _read_export(export_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     root = Path(export_dir)
     if not (root / EXPORT_FILE).is_file():
         raise FileNotFoundError(f"{root / EXPORT_FILE} not found: point at a folder written by save_mllm (stage 2's export_dir)")
-    config = json.loads((root / EXPORT_FILE).read_text())
+    return root, json.loads((root / EXPORT_FILE).read_text())
+
+
+def _exported_format_config(root: Path, config: dict[str, Any]) -> StoryFormatConfig:
+    # the export's own tokenizer folder, never trained again
+    return StoryFormatConfig(**{**config["story_format"], "tokenizer": str(root / "tokenizer"), "train_vocab_size": None})
+
+
+def exported_story_format(export_dir: str | Path) -> StoryFormat:
+    """The story format of a stage-2 export, without building the model (what stage 3's data is encoded with)."""
+    root, config = _read_export(export_dir)
+    vision = FrozenVisionEncoder(VisionEncoderConfig(**config["vision_encoder"]))  # the tower itself is built lazily
+    return StoryFormat(_exported_format_config(root, config), vision.image_size)
+
+
+def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> StoryMLLMModule:
+    """Rebuild a trained stage-2 MLLM from :func:`save_mllm`'s folder (frozen, eval mode)."""
+    root, config = _read_export(export_dir)
     llm = LLMSpec(**config.pop("llm")) if config.get("llm") else None
     if (root / "llm").is_dir():
         llm = LLMSpec(path=str(root / "llm"))
     module = StoryMLLMModule(
         llm=llm,
-        tokenizer_path=str(root / "tokenizer"),
-        tokenizer_train_file=None,
+        story_format=_exported_format_config(root, config),
         vision_encoder=VisionEncoderConfig(**config.pop("vision_encoder")) if config.get("vision_encoder") else None,
         input_resampler=PerceiverConfig(**config.pop("input_resampler")) if config.get("input_resampler") else None,
         output_resampler=PerceiverConfig(**config.pop("output_resampler")) if config.get("output_resampler") else None,
         lora=None,
         **{k: v for k, v in config.items()
-           if k in ("num_queries", "supervise", "lm_weight", "rec_weight", "rec_loss", "residual_features",
-                    "queries_from_previous", "context_blur", "max_length")},
+           if k in ("lm_weight", "rec_weight", "rec_loss", "residual_features", "queries_from_previous", "context_blur")},
     )
     module.configure_model()
     if (root / "llm_adapter").is_dir():

@@ -36,3 +36,11 @@ def data_args(world: Path, **overrides) -> dict:
     )
     args.update(overrides)
     return args
+
+
+def tiny_init_args(config: str) -> dict:
+    """The model ``init_args`` of a tiny config as written: tests shrink the real tiny architecture
+    instead of keeping constants of their own."""
+    import yaml
+
+    return yaml.safe_load(Path(config).read_text())["model"]["init_args"]

@@ -10,10 +10,10 @@ from transformers import CLIPModel
 from callbacks.loggers import StoryWandbLogger
 from callbacks.sample_stories import SampleStoryCallback
 from callbacks.story_evaluation import StoryMetricsCallback
-from lightning_modules.evaluator import StoryEvaluator, save_evaluator, tiny_clip_config, train_caption_word_tokenizer
+from evaluation.evaluator import StoryEvaluator, save_evaluator, tiny_clip_config, train_caption_word_tokenizer
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
-from train import cli_main
+from tools.cli import cli_main
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_stage3_run_logs_stories_and_metrics_to_offline_wandb(tiny_world, export
         f"--model.init_args.export_dir={tmp_path / 'export'}",
         f"--data.init_args.train_files={tiny_world / 'train.jsonl'}", f"--data.init_args.val_files={tiny_world / 'val.jsonl'}",
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
-        "--data.init_args.vit_image_size=32", "--data.init_args.synthetic=null", "--data.init_args.max_images=3",
+        "--data.init_args.synthetic=null", "--data.init_args.max_images=3",
         "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=false",
     ], run=False)
@@ -114,7 +114,7 @@ def _validate_with_callbacks(world, exports, evaluator_dir, out, extra):  # noqa
            # 16 train stories as the val split: 3 stories over 2 ranks is an uneven share
            f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'train.jsonl'}",
            f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
-           "--data.init_args.vit_image_size=32", "--data.init_args.synthetic=null", "--data.init_args.max_images=3",
+           "--data.init_args.synthetic=null", "--data.init_args.max_images=3",
            "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={out}",
            f"--trainer.callbacks={json.dumps([metrics_cb, samples_cb])}",
            f"--trainer.logger={{'class_path': 'lightning.pytorch.loggers.CSVLogger', 'init_args': {{'save_dir': '{out}'}}}}"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from callbacks.metrics.reconstruction import reconstruction_metrics
+from evaluation.reconstruction import reconstruction_metrics
 from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
 from lightning_modules.components.sdxl_adapter import (
     SDXLAdapter,
@@ -117,7 +117,7 @@ def test_reconstruction_metrics_order_good_and_bad_reconstructions():
 
 
 def test_keyed_training_noise_does_not_depend_on_the_batch_it_is_in():
-    from lightning_modules.components.diffusion import draw_training_noise, sample_key
+    from lightning_modules.components.noise import draw_training_noise, sample_key
 
     keys = [sample_key(0, 7, story, frame) for story, frame in [("a", 1), ("b", 2), ("c", 3), ("d", 4)]]
     whole = draw_training_noise((4, 3, 8, 8), 1000, 0.5, keys=keys)
@@ -131,7 +131,7 @@ def test_keyed_training_noise_does_not_depend_on_the_batch_it_is_in():
 
 
 def test_position_grid_tells_every_location_apart_and_is_appended_to_the_unet_input():
-    from lightning_modules.components.diffusion import position_grid, unet_input
+    from lightning_modules.components.sampling import position_grid, unet_input
 
     grid = position_grid(8, 16, 16)
     assert grid.shape == (8, 16, 16) and grid.abs().max() <= 1
@@ -146,7 +146,7 @@ def test_position_grid_tells_every_location_apart_and_is_appended_to_the_unet_in
 
 
 def test_spatial_map_puts_each_token_where_its_patch_was():
-    from lightning_modules.components.diffusion import unet_input
+    from lightning_modules.components.sampling import unet_input
 
     cfg = SDXLAdapterConfig(
         resampler=PerceiverConfig(input_dim=12, dim=16, depth=1, heads=2, dim_head=8, num_queries=16, output_dim=16,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import cli_main
+from tools.cli import cli_main
 
 YAMLS = sorted(p for p in Path("configs").rglob("*.yaml") if p.parent.name in ("tiny", "seed_story"))
 CONFIGS = [p for p in YAMLS if p.read_text().startswith("# python train.py ")]

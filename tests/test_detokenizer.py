@@ -10,10 +10,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.data import DataLoader, IterableDataset
 
-from callbacks.metrics.reconstruction import psnr
-from lightning_modules.components.diffusion import UNetSpec
+from evaluation.reconstruction import psnr
 from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.sdxl_adapter import SDXLAdapterConfig
+from lightning_modules.components.unet import UNetSpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
 from lightning_modules.detokenizer import TINY_UNET_CONFIG, DetokenizerModule, load_detokenizer
 
@@ -79,7 +79,7 @@ def cli_args(world: Path, root: Path, *extra: str) -> list[str]:
 
 
 def test_tiny_config_fast_dev_run(tiny_world: Path, tmp_path: Path):
-    from train import cli_main
+    from tools.cli import cli_main
 
     cli = cli_main(
         cli_args(
@@ -192,7 +192,7 @@ def test_export_round_trip(tmp_path: Path, mode: str):
 
 
 def test_real_config_instantiates_on_meta_device():
-    from train import cli_main
+    from tools.cli import cli_main
 
     cli = cli_main(
         [
@@ -257,7 +257,7 @@ def test_overfits_a_handful_of_frames(tiny_world: Path):
     batch = next(iter(dm.train_dataloader()))
     batch.pop("skipped", None)
     torch.manual_seed(0)
-    from lightning_modules.components.diffusion import NoiseSpec
+    from lightning_modules.components.noise import NoiseSpec
 
     # the tiny default architecture and noise (SD-XL schedule, x0 prediction)
     noise = NoiseSpec(prediction_type="sample", timestep_spacing="trailing", steps_offset=0)

@@ -12,18 +12,13 @@ import torch
 from torchmetrics.multimodal import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
-from callbacks.metrics.story_metrics import to_uint8
 from datamodules import synthetic
 from datamodules.storystream import StoryStreamDataModule
-from lightning_modules.evaluator import (
-    EvaluatorModule,
-    clip_score_model,
-    load_evaluator,
-    make_evaluator_tokenizer,
-    save_evaluator,
-)
+from evaluation.evaluator import clip_score_model, load_evaluator, make_evaluator_tokenizer, save_evaluator
+from evaluation.story_metrics import to_uint8
+from lightning_modules.evaluator import EvaluatorModule
 from tests.conftest import data_args
-from train import cli_main
+from tools.cli import cli_main
 
 SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
              num_heads=2, projection_dim=16)  # fmt: skip
@@ -62,7 +57,7 @@ def test_image_features_match_the_saved_clip_processor_pipeline(tiny_world, tmp_
     """Our [-1, 1] -> CLIP view equals what CLIPImageProcessor does with the same frames as uint8,
     so tools that only see the saved folder (torchmetrics) score exactly what we score."""
     module = built_module(tiny_world, tmp_path)
-    folder = save_evaluator(module, tmp_path / "export")
+    folder = save_evaluator(module.net, tmp_path / "export")
     images = frames(4)
     processor = CLIPProcessor.from_pretrained(str(folder))
     clip = CLIPModel.from_pretrained(str(folder)).eval()
@@ -78,7 +73,7 @@ def test_save_load_round_trip(tiny_world, tmp_path):
     with torch.no_grad():  # make the heads say something: bias one character on, one background up
         module.net.character_head.bias[2] = 10.0
         module.net.background_head.bias[5] = 10.0
-    folder = save_evaluator(module, tmp_path / "export")
+    folder = save_evaluator(module.net, tmp_path / "export")
     meta = json.loads((folder / "evaluator.json").read_text())
     assert meta["character_names"] == list(synthetic.CHARACTER_NAMES)
     loaded = load_evaluator(folder)
@@ -99,7 +94,7 @@ def test_torchmetrics_clipscore_loads_the_saved_folder(tiny_world, tmp_path):
     """torchmetrics 1.9 takes a local folder through a loader callable (strings must be hub names,
     and transformers 5's feature outputs need unwrapping); on our images it is 100 * cosine."""
     module = built_module(tiny_world, tmp_path)
-    folder = save_evaluator(module, tmp_path / "export")
+    folder = save_evaluator(module.net, tmp_path / "export")
     images = frames(4, seed=2)
     captions = ["Bolt is alone in the meadow.", "Pip waves hello.", "Mira jumps high.", "Zed sits down to rest."]
     metric = CLIPScore(model_name_or_path=clip_score_model(folder))

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.components.tokenizer import make_tiny_tokenizer
-from lightning_modules.consolidate import consolidate, read_checkpoint
+from datamodules.tokenizer import make_tiny_tokenizer
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
+from tools.consolidate import consolidate, read_checkpoint
 
 FSDP_CPU = "configs/trainer/fsdp_cpu.yaml"
 
@@ -74,7 +74,7 @@ def _mean_weight_difference(a: dict, b: dict) -> float:
 @pytest.mark.slow
 def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tmp_path):
     tokenizer = make_tiny_tokenizer(tiny_world / "train.jsonl", tmp_path / "tokenizer")
-    common = [*_data(tiny_world), f"--model.init_args.tokenizer_path={tokenizer}", "--model.init_args.scheduler=null",
+    common = [*_data(tiny_world), f"--model.init_args.story_format.tokenizer={tokenizer}", "--model.init_args.scheduler=null",
               "--trainer.max_steps=4", "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1"]
     _fit(tmp_path / "single", "configs/tiny/stage2_mllm.yaml", [*common, "--data.init_args.batch_size=8"])
     _fit(tmp_path / "fsdp", "configs/tiny/stage2_mllm.yaml", [*common, "--config", FSDP_CPU, "--data.init_args.batch_size=4"])
@@ -85,7 +85,7 @@ def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tmp
     sharded = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
     assert sharded.is_dir()
     export = consolidate(["configs/tiny/stage2_mllm.yaml"], sharded, tmp_path / "export",
-                         [f"--model.init_args.tokenizer_path={tokenizer}", *_data(tiny_world)])
+                         [f"--model.init_args.story_format.tokenizer={tokenizer}", *_data(tiny_world)])
     from lightning_modules.story_mllm import load_mllm
 
     reloaded = load_mllm(export).state_dict()
@@ -125,7 +125,7 @@ def test_stage3_fsdp_two_processes_match_one(tiny_world, exports, tmp_path):  # 
     common = [*_data(tiny_world), f"--model.init_args.detokenizer_dir={exports / 'stage1'}",
               f"--model.init_args.mllm_dir={exports / 'stage2'}", "--model.init_args.val_images=0",
               "--model.init_args.evaluator_dir=null", "--model.init_args.scheduler=null", "--trainer.callbacks=[]",
-              "--data.init_args.vit_image_size=32", "--data.init_args.image_size=64",
+              "--data.init_args.image_size=64",
               "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
               "--data.init_args.eval_batch_size=2"]
     _fit(tmp_path / "single", config, [*common, "--data.init_args.batch_size=4"])

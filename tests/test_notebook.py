@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 from tests.test_callbacks import evaluator_dir  # noqa: F401  (fixture)
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
-from train import cli_main
+from tools.cli import cli_main
 
 
 @pytest.mark.notebook
@@ -25,7 +25,7 @@ def test_inspect_story_notebook_executes_and_shows_images(tiny_world, exports, e
         f"--model.init_args.output_dir={root / 'tiny_stories'}", f"--model.init_args.evaluator_dir={evaluator_dir}",
         "--model.init_args.generation.steps=3", "--model.init_args.generation.num_inference_steps=2", "--model.init_args.test_steps=2",
         f"--data.init_args.predict_files={tiny_world / 'val.jsonl'}", f"--data.init_args.test_files={tiny_world / 'test.jsonl'}",
-        f"--data.init_args.image_root={tiny_world / 'images'}", "--data.init_args.vit_image_size=32", "--data.init_args.synthetic=null",
+        f"--data.init_args.image_root={tiny_world / 'images'}", "--data.init_args.synthetic=null",
         f"--trainer.default_root_dir={tmp_path}",
     ]
     cli_main(["predict", *common])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_modules import plan_memory
+from tools import plan_memory
 
 
 @pytest.mark.slow

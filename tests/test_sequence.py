@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_modules.components.sequence import IGNORE_INDEX, build_story_sequences
-from lightning_modules.components.tokenizer import StoryTokens, add_story_tokens, train_caption_tokenizer
+from datamodules.sequence import IGNORE_INDEX, layout_story, pad_stories
+from datamodules.tokenizer import StoryTokens, add_story_tokens, train_caption_tokenizer
 
 Q = 4
 CAPTIONS = ["Bolt is alone in the meadow.", "Pip enters on the left. Bolt watches.", "Bolt jumps high. Pip watches."]
@@ -19,6 +19,12 @@ def tok():
 
 def _ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_story_sequences(stories, tokenizer, t, supervise="last", max_length=None, padding_side="right"):
+    """Lay out each story on its own (as the DataLoader workers do), then pad them together."""
+    samples = [layout_story([_ids(tokenizer, c) for c in story], t, supervise, max_length) for story in stories]
+    return pad_stories(samples, t.pad, len(t.slots), supervise, padding_side)
 
 
 def test_exact_layout_of_a_three_frame_story(tok):

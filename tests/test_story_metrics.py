@@ -15,7 +15,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from callbacks.metrics.story_metrics import (
+from datamodules.synthetic import BACKGROUND_NAMES, CHARACTER_NAMES
+from evaluation.evaluator import (
+    StoryEvaluator,
+    load_evaluator,
+    save_evaluator,
+    tiny_clip_config,
+    train_caption_word_tokenizer,
+)
+from evaluation.story_metrics import (
     BackgroundAccuracy,
     CharacterF1,
     CLIPTextAlignment,
@@ -25,14 +33,6 @@ from callbacks.metrics.story_metrics import (
     StoryFID,
     StoryMetrics,
     to_uint8,
-)
-from datamodules.synthetic import BACKGROUND_NAMES, CHARACTER_NAMES
-from lightning_modules.evaluator import (
-    StoryEvaluator,
-    load_evaluator,
-    save_evaluator,
-    tiny_clip_config,
-    train_caption_word_tokenizer,
 )
 
 CAPTIONS = [
@@ -141,7 +141,7 @@ def test_label_metrics_on_hand_made_sets():
 
 
 def test_start_cast_retention_on_hand_made_stories():
-    from callbacks.metrics.story_metrics import StartCastRetention, retention_table
+    from evaluation.retention import StartCastRetention, retention_table
 
     metric = StartCastRetention(max_steps=3)
     # story 1: start cast {A, B} in the meadow; frame 1 keeps A only, frame 2 keeps both but the background changes
@@ -247,14 +247,14 @@ def test_two_processes_agree_with_one(evaluator_dir, tmp_path):
 
 
 def test_a_story_with_nothing_after_its_start_frame_is_skipped_not_fatal():
-    from callbacks.story_evaluation import score_story
+    from evaluation.protocol import score_story
 
     single = {"captions": ["Bolt waves hello."], "vit_pixels": None, "pixels": None}
     assert score_story(None, None, single) is False  # nothing generated, nothing scored, no error
 
 
 def test_rank_share_gives_every_rank_the_same_number_of_generations():
-    from callbacks.story_evaluation import rank_share
+    from evaluation.protocol import rank_share
 
     shares = [rank_share(3, rank, 2) for rank in (0, 1)]
     assert shares == [[0, 2], [1, -1]]  # -1: a padding generation, not scored

@@ -4,18 +4,21 @@
 import pytest
 import torch
 
+from datamodules.sequence import IGNORE_INDEX
+from datamodules.story_format import StoryFormatConfig
 from datamodules.storystream import StoryStreamDataModule
+from datamodules.tokenizer import make_tiny_tokenizer
 from lightning_modules.components.perceiver import PerceiverConfig
-from lightning_modules.components.sequence import IGNORE_INDEX
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
-from lightning_modules.components.tokenizer import make_tiny_tokenizer
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
-from lightning_modules.story_mllm import TINY_LLAMA, StoryMLLMModule, load_mllm, save_mllm
-from tests.conftest import data_args
-from train import cli_main
+from lightning_modules.story_mllm import StoryMLLMModule, load_mllm, save_mllm
+from tests.conftest import data_args, tiny_init_args
+from tools.cli import cli_main
 
 TINY_ENCODER = VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
-SMALL_LLAMA = dict(TINY_LLAMA, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+# the tiny config's Llama, shrunk further
+SMALL_LLAMA = dict(tiny_init_args("configs/tiny/stage2_mllm.yaml")["llm"]["config"], hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
 CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
 SMALL_RESAMPLER = PerceiverConfig(dim=64, depth=1, heads=2, dim_head=32, ff_mult=2)
 
@@ -25,9 +28,10 @@ def tokenizer_dir(tiny_world, tmp_path_factory):
     return make_tiny_tokenizer(tiny_world / "train.jsonl", tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=300)
 
 
-def _module(tokenizer_dir, **kw) -> StoryMLLMModule:
-    args = dict(llm=LLMSpec(config=SMALL_LLAMA), tokenizer_path=str(tokenizer_dir), vision_encoder=TINY_ENCODER,
-                num_queries=4, input_resampler=SMALL_RESAMPLER, output_resampler=SMALL_RESAMPLER, max_length=512)
+def _module(tokenizer_dir, supervise="last", **kw) -> StoryMLLMModule:
+    story_format = StoryFormatConfig(tokenizer=str(tokenizer_dir), num_queries=4, supervise=supervise, max_length=512)
+    args = dict(llm=LLMSpec(config=SMALL_LLAMA), story_format=story_format, vision_encoder=TINY_ENCODER,
+                input_resampler=SMALL_RESAMPLER, output_resampler=SMALL_RESAMPLER)
     args.update(kw)
     module = StoryMLLMModule(**args)
     module.configure_model()
@@ -61,7 +65,7 @@ def test_vocabulary_grows_with_mean_initialised_story_tokens(tokenizer_dir):
     module = _module(tokenizer_dir)
     emb = module.base_llm.get_input_embeddings().weight
     old = module.base_vocab_size
-    assert emb.shape[0] == len(module.tokenizer) == old + 4 + 2
+    assert emb.shape[0] == len(module.story_format.tokenizer) == old + 4 + 2
     assert torch.allclose(emb[old:], emb[:old].mean(0).expand(6, -1))
 
 
@@ -82,7 +86,7 @@ def test_overfit_a_few_stories(tiny_world, tokenizer_dir):
     assert last["lm_loss"] < 0.2 * first["lm_loss"]
     assert last["rec_loss"] < 0.5 * first["rec_loss"]
     # teacher-forced next caption (last mode, the SEED-Story task) is exact for every story
-    module.supervise = "last"
+    module.story_format = module.story_format.replace(supervise="last")
     with torch.no_grad():
         out = module.forward_story(batch)
     predicted, labels = out.logits[:, :-1].argmax(-1), out.sequence.labels[:, 1:]
@@ -105,7 +109,7 @@ def test_saved_lora_adapter_loads_with_peft_and_gives_the_same_logits(tiny_world
         optimizer.step()
     module.eval()
     save_mllm(module, tmp_path / "export")
-    ids = torch.randint(0, len(module.tokenizer), (2, 12))
+    ids = torch.randint(0, len(module.story_format.tokenizer), (2, 12))
     with torch.no_grad():
         expected = module.llm(input_ids=ids).logits
         fresh = _module(tokenizer_dir)  # same seeded base, vocabulary grown, no LoRA
@@ -117,19 +121,28 @@ def test_saved_lora_adapter_loads_with_peft_and_gives_the_same_logits(tiny_world
     assert torch.allclose(a.predicted_features, b.predicted_features, atol=1e-5)
 
 
-def test_fast_dev_run_through_train_py(tiny_world, tmp_path):
-    cli_main([
+def test_fit_through_train_py_trains_the_tokenizer_and_exports_what_reloads(tiny_world, tmp_path):
+    """The data side trains the tiny tokenizer on the train split, batches arrive laid out, and the
+    export rebuilds a module with the same teacher-forced outputs."""
+    cli = cli_main([
         "fit", "--config", "configs/tiny/stage2_mllm.yaml", "--trainer.fast_dev_run=2",
         f"--trainer.default_root_dir={tmp_path}",
         f"--data.init_args.train_files={tiny_world / 'train.jsonl'}", f"--data.init_args.val_files={tiny_world / 'val.jsonl'}",
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
-        "--data.init_args.vit_image_size=64", "--data.init_args.synthetic=null",
-        f"--model.init_args.tokenizer_path={tmp_path / 'tokenizer'}",
-        f"--model.init_args.tokenizer_train_file={tiny_world / 'train.jsonl'}",
+        "--data.init_args.synthetic=null",
+        f"--model.init_args.story_format.tokenizer={tmp_path / 'tokenizer'}",
         f"--model.init_args.export_dir={tmp_path / 'export'}",
     ])
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
-    assert (tmp_path / "export" / "mllm.json").is_file() and (tmp_path / "export" / "llm" / "config.json").is_file()
+    assert cli.datamodule.story_format is cli.model.story_format  # linked, not configured twice
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    assert batch["sequence"].input_ids.shape[0] == len(batch["captions"])  # laid out in the loader
+    reloaded = load_mllm(tmp_path / "export")
+    module = cli.model.eval()
+    with torch.no_grad():
+        a, b = module.forward_story(batch), reloaded.forward_story(batch)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.predicted_features, b.predicted_features, atol=1e-5, rtol=0)
 
 
 def test_residual_regression_starts_from_the_previous_frame(tiny_world, tokenizer_dir):  # noqa: F811

@@ -60,7 +60,7 @@ def export_at_fit_end(module, export_dir: str | None) -> None:
     """Write ``module.export(export_dir)`` on rank zero; a sharded run says how to consolidate instead.
 
     Under FSDP each rank holds only shards, so the export is made from the last (sharded)
-    checkpoint by ``python -m lightning_modules.consolidate`` (which gathers it on CPU).
+    checkpoint by ``python -m tools.consolidate`` (which gathers it on CPU).
     """
     if not export_dir:
         return
@@ -69,7 +69,7 @@ def export_at_fit_end(module, export_dir: str | None) -> None:
         if trainer.is_global_zero:
             log.warning(
                 "sharded run: no export written at the end of fit. Make it from the last checkpoint with\n"
-                "  python -m lightning_modules.consolidate --config <this run's config(s)> --checkpoint %s --out %s",
+                "  python -m tools.consolidate --config <this run's config(s)> --checkpoint %s --out %s",
                 getattr(trainer.checkpoint_callback, "last_model_path", None) or "<checkpoint>", export_dir,
             )
         return

@@ -21,10 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
-from datamodules.images import CLIP_MEAN, CLIP_STD
 from lightning_modules.components import attention_sink as sink
 from lightning_modules.components.caption_decoding import DecodeSettings, pick_token
 
@@ -108,6 +106,7 @@ class _LLMContext:
         return out.last_hidden_state[0]
 
     def feed_ids(self, ids: list[int], role: int = sink.TEXT, frame: int = -1) -> torch.Tensor:
+        """Append token ids; return their last-layer hidden states ``(T, H)``."""
         embeds = self.base.get_input_embeddings()(torch.tensor(ids, device=self.mllm.device))
         return self.feed(embeds, role, frame)
 
@@ -124,10 +123,16 @@ class _LLMContext:
 
 
 class StoryGenerator:
-    """Generates stories with a frozen stage-2 MLLM and a de-tokenizer (see the module docstring)."""
+    """Generates stories with a frozen stage-2 MLLM and a de-tokenizer (see the module docstring).
 
-    def __init__(self, mllm, detokenizer, settings: GenerationSettings | None = None):
+    Every token comes from the MLLM's :class:`~datamodules.story_format.StoryFormat`, the object that
+    also lays out training batches, so a story is fed exactly as training saw it. ``detokenizer``
+    may be None when ``settings.draw_images`` is False (text and features only).
+    """
+
+    def __init__(self, mllm, detokenizer=None, settings: GenerationSettings | None = None):
         self.mllm = mllm
+        self.format = mllm.story_format
         self.detokenizer = detokenizer
         self.settings = settings or GenerationSettings()
         scaling = getattr(mllm.base_llm.model.rotary_emb, "attention_scaling", 1.0)
@@ -151,6 +156,8 @@ class StoryGenerator:
         """
         if len(start_vit_pixels) != len(start_captions) or len(start_captions) == 0:
             raise ValueError("give one caption per start frame, and at least one start frame")
+        if self.settings.draw_images and self.detokenizer is None:
+            raise ValueError("drawing images needs a de-tokenizer (or settings.draw_images=False)")
         n_steps = len(captions) if captions is not None else (steps or self.settings.steps)
         mllm = self.mllm
         mllm.ensure_built()
@@ -174,7 +181,7 @@ class StoryGenerator:
                 for i, step in enumerate(recent):
                     self._feed_frame(context, step.caption, step.context_features, frame - len(recent) + i)
             given = captions[t] if captions is not None else None
-            caption, features = self._write_step(context, frame, given, generator, previous)
+            caption, features, _ = self.write_step(context, frame, given, generator, previous)
             llm_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             image = None
@@ -186,7 +193,7 @@ class StoryGenerator:
             image_seconds = time.perf_counter() - t1
             t2 = time.perf_counter()
             previous = self._reencode(image) if self.settings.reencode_images and image is not None else features
-            self._close_image(context, previous, frame)
+            self.close_image(context, previous, frame)
             if policy.mode == "sink":
                 context.evict_to(sink.sink_keep_indices(context.log, policy.sink))
             llm_seconds += time.perf_counter() - t2
@@ -198,56 +205,78 @@ class StoryGenerator:
         """One start image, several opening texts: one story each."""
         return [self.generate(start_vit_pixels[:1], [text], **kwargs) for text in opening_texts]
 
-    # -- one step --------------------------------------------------------------------------
+    @torch.no_grad()
+    def next_caption(self, context_features: torch.Tensor, captions: list[str],
+                     generator: torch.Generator | None = None) -> str:
+        """The caption the MLLM writes after ``captions`` (one per context frame, features ``(n, N, D)``)."""
+        self.mllm.ensure_built()
+        context = _LLMContext(self.mllm)
+        for i, (caption, features) in enumerate(zip(captions, context_features, strict=True)):
+            self._feed_frame(context, caption, features, i)
+        hidden = context.feed_ids(self.format.tokens.step_opening(first=len(context) == 0))
+        return self.format.decode_text(self.decode_caption(context, hidden, generator))
+
+    # -- one step (the story format, one step at a time) ---------------------------------------
+
+    def new_context(self) -> _LLMContext:
+        return _LLMContext(self.mllm)
 
     def _feed_frame(self, context: _LLMContext, caption: str, features: torch.Tensor, frame: int) -> None:
-        """A complete context step: text, ``<img>``, Q context slots, ``</img>``."""
-        tokens = self.mllm.tokens
-        ids = self.mllm.tokenizer(caption, add_special_tokens=False)["input_ids"]
-        prefix = [tokens.bos] if len(context) == 0 else list(tokens.separator)
-        context.feed_ids(prefix + ids + [tokens.img_start])
+        """A complete context step: opening (BOS or separator), caption, ``<img>``, Q context slots, ``</img>``."""
+        tokens = self.format.tokens
+        context.feed_ids(tokens.step_opening(first=len(context) == 0) + self.format.caption_ids(caption) + [tokens.img_start])
         context.log.roles[-1], context.log.frames[-1] = sink.IMG_START, frame
-        self._close_image(context, features, frame)
+        self.close_image(context, features, frame)
 
-    def _close_image(self, context: _LLMContext, features: torch.Tensor, frame: int) -> None:
+    def close_image(self, context: _LLMContext, features: torch.Tensor, frame: int) -> None:
+        """The frame's Q context slots (its features through the input resampler), then ``</img>``."""
         slots = self.mllm.input_resampler(features[None].to(self.mllm.device, torch.float32))[0]
         embeds_dtype = self.mllm.base_llm.get_input_embeddings().weight.dtype
         context.feed(slots.to(embeds_dtype), sink.SLOT, frame)
-        context.feed_ids([self.mllm.tokens.img_end], sink.IMG_END, frame)
+        context.feed_ids([self.format.tokens.img_end], sink.IMG_END, frame)
 
-    def _write_step(self, context: _LLMContext, frame: int, given: str | None, generator: torch.Generator,
-                    previous: torch.Tensor) -> tuple[str, torch.Tensor]:
-        """Caption (decoded or forced), then ``<img>`` and the regressed features of the new frame."""
-        mllm, tokens = self.mllm, self.mllm.tokens
-        hidden = context.feed_ids(list(tokens.separator))
+    def write_step(self, context: _LLMContext, frame: int, given: str | None, generator: torch.Generator | None,
+                   previous: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """Separator, caption (decoded, or ``given``), ``<img>``, then the regressed features of the new frame.
+
+        Returns the caption, the features and the hidden states of the step's text tokens
+        (separator, caption, ``<img>``): what predicts each next token, as in training's labels.
+        """
+        tokens = self.format.tokens
+        hidden = [context.feed_ids(tokens.step_opening(first=False))]
         if given is not None:
-            ids = mllm.tokenizer(given, add_special_tokens=False)["input_ids"]
+            ids = self.format.caption_ids(given)
             if ids:
-                context.feed_ids(ids)
+                hidden.append(context.feed_ids(ids))
         else:
-            ids = []
-            head = mllm.base_llm.lm_head
-            stop = (tokens.img_start, tokens.eos)
-            for _ in range(self.settings.decode.max_new_tokens):
-                banned = stop if len(ids) < self.settings.decode.min_new_tokens else ()
-                token = pick_token(head(hidden[-1]), self.settings.decode, generator, banned)
-                if token in stop:
-                    break
-                ids.append(token)
-                hidden = context.feed_ids([token])
-        context.feed_ids([tokens.img_start], sink.IMG_START, frame)
+            ids = self.decode_caption(context, hidden[-1], generator, hidden)
+        hidden.append(context.feed_ids([tokens.img_start], sink.IMG_START, frame))
         length = len(context)
         queries = context.feed_ids(list(tokens.slots), sink.SLOT, frame)
-        features = mllm.regress(queries[None].float(), previous[None].to(queries.device).float())[0]
+        features = self.mllm.regress(queries[None].float(), previous[None].to(queries.device).float())[0]
         context.crop(length)  # the generation queries give way to the frame's context slots
-        caption = given if given is not None else mllm.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        return caption, features
+        caption = given if given is not None else self.format.decode_text(ids)
+        return caption, features, torch.cat(hidden)
+
+    def decode_caption(self, context: _LLMContext, hidden: torch.Tensor, generator: torch.Generator | None,
+                       hidden_log: list[torch.Tensor] | None = None) -> list[int]:
+        """The one decoding loop: tokens until ``<img>``, EOS or ``max_new_tokens``, each fed to the cache."""
+        tokens, settings = self.format.tokens, self.settings.decode
+        head = self.mllm.base_llm.lm_head
+        stop = (tokens.img_start, tokens.eos)
+        ids: list[int] = []
+        for _ in range(settings.max_new_tokens):
+            banned = stop if len(ids) < settings.min_new_tokens else ()
+            token = pick_token(head(hidden[-1]), settings, generator, banned)
+            if token in stop:
+                break
+            ids.append(token)
+            hidden = context.feed_ids([token])
+            if hidden_log is not None:
+                hidden_log.append(hidden)
+        return ids
 
     def _reencode(self, image: torch.Tensor) -> torch.Tensor:
-        """ViT features of a drawn image (``[-1, 1]``), as the data pipeline's ViT view would give."""
-        encoder = self.mllm.vision_encoder
-        size = encoder.image_size
-        pixels = F.interpolate(((image[None] + 1) / 2).clamp(0, 1), size=(size, size), mode="bicubic", align_corners=False)
-        mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
-        return encoder(((pixels - mean) / std).to(self.mllm.device))[0].float()
+        """ViT features of a drawn image (``[-1, 1]``), through the data pipeline's ViT view."""
+        pixels = self.format.vit_pixels_of(image[None]).to(self.mllm.device)
+        return self.mllm.vision_encoder(pixels)[0].float()

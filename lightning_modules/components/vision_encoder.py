@@ -1,10 +1,10 @@
 """The frozen visual tokenizer: ``vit_pixels`` (B, 3, S, S) -> (B, N, D) feature tokens.
 
 The tower is never trained and its weights are either a local pretrained folder or rebuilt
-deterministically from a config, so it is kept *out* of the module tree: it is not in
-``parameters()`` (never reaches an optimizer), not in ``state_dict()`` (checkpoints stay small),
-and it is built lazily on first use (instantiating a real-scale config costs nothing and never
-touches weights). ``.to()`` / ``.half()`` still reach it through :meth:`_apply`.
+deterministically from a config, so it is held by :class:`~lightning_modules.components.frozen.Frozen`:
+not in ``parameters()`` (never reaches an optimizer), not in ``state_dict()`` (checkpoints stay
+small), still moved by ``.to()``. It is built lazily on first use (instantiating a real-scale
+config costs nothing and never touches weights).
 
 Backends:
 
@@ -22,13 +22,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.components.frozen import Frozen
+
 log = logging.getLogger(__name__)
+
 
 Backend = Literal["tiny_clip", "hf", "qwen_vl"]
 
@@ -110,13 +113,7 @@ class FrozenVisionEncoder(nn.Module):
             raise ValueError(f"unknown vision encoder backend {self.config.backend!r}; choose one of {sorted(BUILDERS)}")
         # an empty buffer that follows .to(): the device/dtype the tower is built on
         self.register_buffer("_anchor", torch.empty(0), persistent=False)
-        self._tower: nn.Module | None = None  # plain attribute trick below keeps it out of _modules
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "_tower":  # never register the tower as a submodule
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+        self.frozen_tower: Frozen | None = None  # built on first use
 
     # -- shape -----------------------------------------------------------------------------
 
@@ -149,24 +146,11 @@ class FrozenVisionEncoder(nn.Module):
 
     @property
     def tower(self) -> nn.Module:
-        if self._tower is None:
+        if self.frozen_tower is None:
             tower = BUILDERS[self.config.backend](self.config)
-            tower.requires_grad_(False).eval()
-            self._tower = tower.to(device=self._anchor.device, dtype=self._anchor.dtype)
+            self.frozen_tower = Frozen(tower.to(device=self._anchor.device, dtype=self._anchor.dtype))
             log.info("built frozen vision tower %s (%d parameters)", self.config.backend, sum(p.numel() for p in tower.parameters()))
-        return self._tower
-
-    def _apply(self, fn: Callable, recurse: bool = True) -> FrozenVisionEncoder:
-        super()._apply(fn, recurse)
-        if self._tower is not None:
-            self._tower._apply(fn, recurse)
-        return self
-
-    def train(self, mode: bool = True) -> FrozenVisionEncoder:
-        super().train(mode)
-        if self._tower is not None:
-            self._tower.eval()  # frozen: dropout / norm statistics never switch to training
-        return self
+        return self.frozen_tower.net
 
     # -- features --------------------------------------------------------------------------
 
@@ -179,7 +163,6 @@ class FrozenVisionEncoder(nn.Module):
                 f"set the datamodule's vit_image_size to {self.image_size}"
             )
         tower = self.tower
-        tower.eval()
         pixels = vit_pixels.to(self._anchor.dtype)
         tokens = tower(pixel_values=pixels).last_hidden_state
         if self.config.drop_cls and self.config.backend != "qwen_vl":

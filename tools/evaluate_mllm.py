@@ -1,6 +1,6 @@
 """Held-out evaluation of a stage-2 export against simple baselines.
 
-    python -m lightning_modules.evaluate_mllm --export runs/tiny_stage2/export \
+    python -m tools.evaluate_mllm --export runs/tiny_stage2/export \
         --data data/synthetic --split val [--length 10] [--out metrics.json]
 
 For every story of the split (its first ``length`` frames) and every step ``k >= 1``, with the
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from datamodules import records
-from datamodules.images import FileStore, FrameViews, decode_rgb
+from datamodules.images import FileStore, decode_rgb
+from datamodules.sequence import IGNORE_INDEX
 from datamodules.synthetic import CHARACTER_NAMES
-from lightning_modules.components.caption_decoding import decode_next_caption
-from lightning_modules.components.sequence import IGNORE_INDEX
+from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
 from lightning_modules.story_mllm import StoryMLLMModule, load_mllm
 
 
@@ -54,8 +54,8 @@ class BigramModel:
 
 def caption_stream(module: StoryMLLMModule, caption: str) -> list[int]:
     """``[INST] caption <img>``: the tokens a step's text is scored on (after the separator)."""
-    ids = module.tokenizer(caption, add_special_tokens=False)["input_ids"]
-    return [*module.tokens.separator, *ids, module.tokens.img_start]
+    tokens = module.story_format.tokens
+    return [*tokens.separator, *module.story_format.caption_ids(caption), tokens.img_start]
 
 
 def named_characters(caption: str) -> set[str]:
@@ -66,14 +66,14 @@ def named_characters(caption: str) -> set[str]:
 @torch.no_grad()
 def evaluate(module: StoryMLLMModule, stories: list[records.StoryRecord], store: FileStore, train_captions: list[str],
              length: int = 10) -> dict[str, float]:
-    module.supervise = "last"
-    views = FrameViews(vit_size=module.vision_encoder.image_size)
-    bigram = BigramModel([caption_stream(module, c) for c in train_captions], len(module.tokenizer))
-    sep = len(module.tokens.separator)
+    module.story_format = fmt = module.story_format.replace(supervise="last")
+    writer = StoryGenerator(module, None, GenerationSettings(draw_images=False, context=ContextPolicy(mode="dense")))
+    bigram = BigramModel([caption_stream(module, c) for c in train_captions], len(fmt.tokenizer))
+    sep = len(fmt.tokens.separator)
     totals = dict(model_nll=0.0, bigram_nll=0.0, tokens=0, steps=0, cast_ok=0, cos=0.0, copy_cos=0.0)
     for story in stories:
         n = min(length, len(story))
-        pixels = torch.stack([views.vit_view(decode_rgb(store.read(ref), ref)) for ref in story.images[:n]])
+        pixels = torch.stack([fmt.vit_view(decode_rgb(store.read(ref), ref)) for ref in story.images[:n]])
         features = module.vision_encoder(pixels.to(module.device))
         steps = list(range(1, n))
         batch = {"captions": [story.captions[: k + 1] for k in steps]}
@@ -89,7 +89,7 @@ def evaluate(module: StoryMLLMModule, stories: list[records.StoryRecord], store:
             assert count == len(scored), "bigram and model must score the same tokens"
             totals["bigram_nll"] += nll
             totals["tokens"] += count
-            caption = decode_next_caption(module, features[:k], story.captions[:k])
+            caption = writer.next_caption(features[:k], story.captions[:k])
             totals["cast_ok"] += int(named_characters(caption) <= cast)
         cos = torch.nn.functional.cosine_similarity(out.predicted_features, out.target_features, dim=-1).mean(-1)
         copy = torch.nn.functional.cosine_similarity(out.previous_features, out.target_features, dim=-1).mean(-1)

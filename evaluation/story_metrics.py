@@ -6,7 +6,7 @@ trained on the dataset itself, plus CLIP-T (frame vs its caption) and CLIP-I (fr
 ground-truth frame). Every image is a [-1, 1] tensor (B, 3, H, W), the batch contract's ``pixels``.
 
 Which feature network FID uses is in its logged name: ``fid_evaluator`` (the small evaluator of
-:mod:`lightning_modules.evaluator`, the embedded default; not comparable with published FIDs)
+:mod:`evaluation.evaluator`, the embedded default; not comparable with published FIDs)
 or ``fid_inception`` (Inception-v3 from a local ``feature_extractor_weights_path``, real scale).
 
 Every state has a ``dist_reduce_fx`` (sums, or ``cat`` for per-frame features), so values are the
@@ -30,13 +30,13 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.multimodal import CLIPScore
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_modules.evaluator import clip_score_model, load_evaluator, names_to_multi_hot
+from evaluation.evaluator import clip_score_model, load_evaluator, names_to_multi_hot
 
 log = logging.getLogger(__name__)
 
 
 class Scorer(Protocol):
-    """What the metrics need from an evaluator (:class:`lightning_modules.evaluator.StoryEvaluator`)."""
+    """What the metrics need from an evaluator (:class:`evaluation.evaluator.StoryEvaluator`)."""
 
     character_names: tuple[str, ...]
     background_names: tuple[str, ...]
@@ -221,51 +221,6 @@ class BackgroundAccuracy(MulticlassAccuracy):
     def update(self, preds: Sequence[str], target: Sequence[str]) -> None:  # type: ignore[override]
         as_index = lambda names: torch.tensor([self.index[n] for n in names], dtype=torch.long, device=self.device)  # noqa: E731
         super().update(as_index(preds), as_index(target))
-
-
-class StartCastRetention(Metric):
-    """Per story step: how much of the opening frame's cast and background a generated story keeps.
-
-    For free continuation (no true frames to compare with): at step ``k`` (0 = the start frame),
-    ``cast`` is the share of the start frame's true characters that the evaluator finds in frame
-    ``k``, and ``background`` the share of stories whose frame ``k`` shows the true background.
-    Sums per step, so the values do not depend on how stories were split across processes.
-    """
-
-    full_state_update = False
-
-    def __init__(self, max_steps: int, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.max_steps = max_steps
-        for name in ("cast_found", "cast_total", "background_found", "stories"):
-            self.add_state(name, default=torch.zeros(max_steps, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, detected_characters: Sequence[Sequence[str]], detected_backgrounds: Sequence[str],  # type: ignore[override]
-               start_cast: Sequence[str], background: str) -> None:
-        """One story: the evaluator's labels of each of its frames, and the start frame's truth."""
-        steps = min(len(detected_characters), self.max_steps)
-        for k in range(steps):
-            self.cast_found[k] += len(set(start_cast) & set(detected_characters[k]))
-            self.cast_total[k] += len(set(start_cast))
-            self.background_found[k] += float(detected_backgrounds[k] == background)
-            self.stories[k] += 1
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        seen = self.stories > 0
-        return {
-            "cast": (self.cast_found[seen] / self.cast_total[seen].clamp(min=1)).float(),
-            "background": (self.background_found[seen] / self.stories[seen]).float(),
-            "stories": self.stories[seen].float(),
-        }
-
-
-def retention_table(scores: dict[str, torch.Tensor], steps: Sequence[int] = (0, 1, 2, 3, 5, 10, 15, 20, 25)) -> str:
-    """Markdown rows of :class:`StartCastRetention` at the given steps (those the stories reached)."""
-    rows = ["| step | start cast found | background kept | stories |", "|---|---|---|---|"]
-    for k in steps:
-        if k < len(scores["cast"]):
-            rows.append(f"| {k} | {float(scores['cast'][k]):.3f} | {float(scores['background'][k]):.3f} | {int(scores['stories'][k])} |")
-    return "\n".join(rows)
 
 
 # -- the collection ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Will a real-scale stage fit? A per-GPU memory plan under FSDP, computed without any weights.
 
-    python -m lightning_modules.plan_memory --config configs/seed_story/stage2_mllm.yaml --gpus 8 --gpu-mem 80
-    python -m lightning_modules.plan_memory --all --gpus 8 --gpu-mem 24 80
+    python -m tools.plan_memory --config configs/seed_story/stage2_mllm.yaml --gpus 8 --gpu-mem 80
+    python -m tools.plan_memory --all --gpus 8 --gpu-mem 24 80
 
 The config's model is built on the ``meta`` device (no weights are read). Per GPU, with every
 parameter fully sharded over the GPUs (FSDP / ZeRO-3):
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+
+from tools.cli import cli_main
 
 GB = 1024**3
 STAGES = {
@@ -119,8 +121,6 @@ def _count(module: nn.Module) -> tuple[int, int]:
 
 
 def _cli(config: str, extra: list[str]):
-    from train import cli_main
-
     return cli_main(["--config", config, *extra, *CPU_TRAINER], run=False)
 
 

@@ -1,4 +1,4 @@
-"""Interleaved story sequences for the MLLM (pure functions, no model).
+"""The interleaved story layout (pure functions over token ids; no model, no tokenizer).
 
 One sample with frames ``0..k`` becomes::
 
@@ -17,16 +17,18 @@ target in the same pass. Frame ``j``'s block becomes ``<img> g*Q q*Q </img>``: t
 from every token outside it. Each token therefore sees exactly what it would see in its own
 ``supervise="last"`` sequence (the test suite checks the logits are equal), with ~L x more
 targets per forward pass.
+
+:func:`layout_story` lays out one sample (in the DataLoader workers); :func:`pad_stories` only pads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import torch
 
-from lightning_modules.components.tokenizer import StoryTokens
+from datamodules.tokenizer import StoryTokens
 
 IGNORE_INDEX = -100
 
@@ -54,15 +56,23 @@ class StorySequence:
     truncated_captions: int = 0  # captions cut because one step alone exceeded max_length
     lengths: list[int] = field(default_factory=list)
 
+    def to(self, device: torch.device | str) -> StorySequence:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
 
 @dataclass
-class _Sample:
+class StorySample:
+    """One laid-out story: token ids, labels, positions and where its image slots start."""
+
     ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     block: list[int] = field(default_factory=list)  # id of the hidden query block, -1 elsewhere
     context: list[tuple[int, int]] = field(default_factory=list)  # (frame, first index)
     targets: list[tuple[int, int]] = field(default_factory=list)
+    dropped_steps: int = 0
+    truncated_captions: int = 0
 
     def add(self, token: int, label: bool, position: int | None = None, block: int = -1) -> None:
         if position is None:  # the next position after the previous token
@@ -73,18 +83,15 @@ class _Sample:
         self.block.append(block)
 
 
-def _layout(caption_ids: list[list[int]], first_frame: int, tokens: StoryTokens, supervise: Supervise) -> _Sample:
-    sample = _Sample()
+def _layout(caption_ids: list[list[int]], first_frame: int, tokens: StoryTokens, supervise: Supervise) -> StorySample:
+    sample = StorySample()
     last = len(caption_ids) - 1
     q = len(tokens.slots)
     for j, caption in enumerate(caption_ids):
         labelled = supervise == "all" or j == last
-        if j == 0:
-            sample.add(tokens.bos, label=False)
-            text = caption
-        else:
-            text = tokens.separator + caption
-        for token in text:
+        for token in tokens.step_opening(first=j == 0):
+            sample.add(token, label=labelled and j > 0)  # BOS is never a label, [INST] is
+        for token in caption:
             sample.add(token, label=labelled)
         sample.add(tokens.img_start, label=labelled)
         start = sample.positions[-1] + 1
@@ -104,70 +111,30 @@ def _layout(caption_ids: list[list[int]], first_frame: int, tokens: StoryTokens,
     return sample
 
 
-@dataclass
-class StoryPrompt:
-    """A story so far, every frame as context, ending with the next step's separator.
+def layout_story(caption_ids: list[list[int]], tokens: StoryTokens, supervise: Supervise = "last",
+                 max_length: int | None = None) -> StorySample:
+    """Lay out one tokenised story (>= 1 captions, one per frame) within ``max_length`` tokens.
 
-    The LLM continues it with the next caption, then ``<img>`` (see the story generator).
+    Too long: whole leading steps are dropped (counted); if the last step alone is too long, its
+    caption is cut (counted).
     """
-
-    input_ids: torch.Tensor  # (T,)
-    position_ids: torch.Tensor  # (T,)
-    context_slots: torch.Tensor  # (n_frames, Q) indices into the sequence
-    frames: list[int]  # which frame fills each row of context_slots
-
-
-def build_prompt(caption_ids: list[list[int]], tokens: StoryTokens, first_frame: int = 0) -> StoryPrompt:
-    """Frames ``first_frame..`` with their captions as context, then ``[INST]``."""
-    sample = _Sample()
-    q = len(tokens.slots)
-    for j, caption in enumerate(caption_ids):
-        for token in ([tokens.bos] if j == 0 else tokens.separator) + caption:
-            sample.add(token, label=False)
-        sample.add(tokens.img_start, label=False)
-        sample.context.append((first_frame + j, len(sample.ids)))
-        for slot in tokens.slots:
-            sample.add(slot, label=False)
-        sample.add(tokens.img_end, label=False)
-    for token in tokens.separator if caption_ids else [tokens.bos]:
-        sample.add(token, label=False)
-    return StoryPrompt(
-        input_ids=torch.tensor(sample.ids),
-        position_ids=torch.tensor(sample.positions),
-        context_slots=torch.stack([start + torch.arange(q) for _, start in sample.context]) if sample.context else torch.zeros((0, q), dtype=torch.long),
-        frames=[frame for frame, _ in sample.context],
-    )
+    first, dropped, truncated = 0, 0, 0
+    sample = _layout(caption_ids, first, tokens, supervise)
+    while max_length is not None and len(sample.ids) > max_length and len(caption_ids) - first > 1:
+        first += 1  # drop a whole leading step (its caption and image)
+        dropped += 1
+        sample = _layout(caption_ids[first:], first, tokens, supervise)
+    if max_length is not None and len(sample.ids) > max_length:
+        keep = max(1, len(caption_ids[-1]) - (len(sample.ids) - max_length))
+        truncated = 1
+        sample = _layout([caption_ids[-1][:keep]], len(caption_ids) - 1, tokens, supervise)
+    sample.dropped_steps, sample.truncated_captions = dropped, truncated
+    return sample
 
 
-def build_story_sequences(
-    captions: list[list[str]],
-    tokenizer,
-    tokens: StoryTokens,
-    supervise: Supervise = "last",
-    max_length: int | None = None,
-    padding_side: Literal["left", "right"] = "right",
-) -> StorySequence:
-    """Tokenise and lay out a batch of stories (each a list of >= 1 captions, one per frame)."""
-    tokenized = [[tokenizer(c, add_special_tokens=False)["input_ids"] for c in story] for story in captions]
-    samples, dropped, truncated = [], 0, 0
-    for story in tokenized:
-        first = 0
-        sample = _layout(story, first, tokens, supervise)
-        while max_length is not None and len(sample.ids) > max_length and len(story) - first > 1:
-            first += 1  # drop a whole leading step (its caption and image)
-            dropped += 1
-            sample = _layout(story[first:], first, tokens, supervise)
-        if max_length is not None and len(sample.ids) > max_length:
-            keep = max(1, len(story[-1]) - (len(sample.ids) - max_length))
-            truncated += 1
-            sample = _layout([story[-1][:keep]], len(story) - 1, tokens, supervise)
-        samples.append(sample)
-    return _pad(samples, tokens.pad, len(tokens.slots), padding_side, supervise, dropped, truncated)
-
-
-def _pad(
-    samples: list[_Sample], pad: int, num_slots: int, side: str, supervise: Supervise, dropped: int, truncated: int
-) -> StorySequence:
+def pad_stories(samples: list[StorySample], pad: int, num_slots: int, supervise: Supervise,
+                side: Literal["left", "right"] = "right") -> StorySequence:
+    """Pad laid-out samples into one :class:`StorySequence` (the collate step: nothing else happens here)."""
     batch, width = len(samples), max(len(s.ids) for s in samples)
     input_ids = torch.full((batch, width), pad, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
@@ -201,8 +168,8 @@ def _pad(
         context_frames=torch.tensor(context_frames, dtype=torch.long).view(-1, 2),
         target_slots=torch.stack(targets),
         target_frames=torch.tensor(target_frames, dtype=torch.long).view(-1, 2),
-        dropped_steps=dropped,
-        truncated_captions=truncated,
+        dropped_steps=sum(s.dropped_steps for s in samples),
+        truncated_captions=sum(s.truncated_captions for s in samples),
         lengths=[len(s.ids) for s in samples],
     )
 

@@ -1,6 +1,6 @@
 """Turn a training checkpoint (sharded FSDP folder or single file) into the stage's export format.
 
-    python -m lightning_modules.consolidate --config configs/tiny/stage2_mllm.yaml \\
+    python -m tools.consolidate --config configs/tiny/stage2_mllm.yaml \\
         --checkpoint runs/tiny_stage2/checkpoints/last.ckpt --out runs/tiny_stage2/export
 
 The config rebuilds the module exactly as it was trained (pass the same ``--config`` files, and
@@ -25,6 +25,8 @@ from typing import Any
 from unittest import mock
 
 import torch
+
+from tools.cli import cli_main
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def build_module(configs: list[str], overrides: list[str]):
     """The LightningModule the configs describe, built on CPU without a Trainer run."""
-    from train import cli_main
-
     args = [item for config in configs for item in ("--config", config)]
     # a single-device trainer, whatever strategy the configs name: nothing is sharded here
     args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.num_nodes=1",
@@ -106,5 +106,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     main()

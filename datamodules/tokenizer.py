@@ -55,6 +55,10 @@ class StoryTokens:
             pad=pad,
         )
 
+    def step_opening(self, first: bool) -> list[int]:
+        """What starts a story step: BOS for the first, the step separator for every later one."""
+        return [self.bos] if first else list(self.separator)
+
 
 def add_story_tokens(tokenizer: PreTrainedTokenizerBase, num_queries: int) -> int:
     """Add ``<img>``, ``</img>`` and the slot tokens as special tokens; return how many were new."""
@@ -86,14 +90,15 @@ def train_caption_tokenizer(captions: list[str], vocab_size: int = 512) -> PreTr
     )
 
 
-def make_tiny_tokenizer(train_jsonl: str | Path, out_dir: str | Path, vocab_size: int = 512) -> Path:
-    """Train on a split's captions and save with ``save_pretrained`` (done once, in prepare_data)."""
+def make_tiny_tokenizer(train_jsonl: str | Path | list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:
+    """Train on a split's captions (one jsonl file or several) and ``save_pretrained`` (once, in prepare_data)."""
     out_dir = Path(out_dir)
     if (out_dir / "tokenizer.json").exists():
         return out_dir
-    captions = caption_corpus(train_jsonl)
+    files = train_jsonl if isinstance(train_jsonl, list) else [train_jsonl]
+    captions = [caption for path in files for caption in caption_corpus(path)]
     if not captions:
-        raise ValueError(f"no captions found in {train_jsonl} to train the tiny tokenizer on")
+        raise ValueError(f"no captions found in {files} to train the tiny tokenizer on")
     tokenizer = train_caption_tokenizer(captions, vocab_size)
     tokenizer.save_pretrained(str(out_dir))
     log.info("trained a %d-token caption tokenizer on %d captions -> %s", len(tokenizer), len(captions), out_dir)

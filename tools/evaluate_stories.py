@@ -1,11 +1,11 @@
 """Reference rows for the story metric table: real frames (the ceiling) and stage-1 reconstructions.
 
-    python -m lightning_modules.evaluate_stories --evaluator runs/tiny_evaluator/export \
+    python -m tools.evaluate_stories --evaluator runs/tiny_evaluator/export \
         --data data/synthetic --split test --source real
-    python -m lightning_modules.evaluate_stories ... --source reconstruction --detokenizer runs/tiny_stage1/export
+    python -m tools.evaluate_stories ... --source reconstruction --detokenizer runs/tiny_stage1/export
 
 Uses the same protocol and metric code as ``train.py test``: frames 1..``steps`` of each story of
-the split, scored against the true frames with :class:`~callbacks.metrics.story_metrics.StoryMetrics`.
+the split, scored against the true frames with :class:`~evaluation.story_metrics.StoryMetrics`.
 ``real`` scores the true frames themselves (what a perfect generator would get);
 ``reconstruction`` scores the de-tokenizer's redrawing of each true frame from its ViT features.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from callbacks.metrics.story_metrics import StoryMetrics
-from callbacks.story_evaluation import metric_table
 from datamodules.storystream import StoryStreamDataModule
+from evaluation.protocol import metric_table
+from evaluation.story_metrics import StoryMetrics
 
 
 @torch.no_grad()

@@ -1,0 +1,35 @@
+"""The one way a frozen network is held: out of parameters, state dicts and checkpoints, moved by ``.to()``.
+
+Frozen parts (the ViT, the VAE, stage 3's MLLM, metric networks) are either rebuilt from a
+config or loaded from a local folder, so storing them in every checkpoint (7 B parameters for
+stage 3's MLLM) or handing them to an optimizer is waste. ``Frozen(net)`` is a submodule with no
+parameters or buffers of its own: ``parameters()``, ``state_dict()``, FSDP and optimizers never
+see ``net``, while ``.to()`` / ``.half()`` reach it and ``.train()`` leaves it in eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+
+class Frozen(nn.Module):
+    """Holds ``net`` frozen (no gradients, eval mode) and outside the module tree; see the module docstring."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "net", net.eval().requires_grad_(False))  # not registered as a child
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Frozen:
+        super()._apply(fn, recurse)
+        self.net._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True) -> Frozen:
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)

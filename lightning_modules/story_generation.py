@@ -1,0 +1,179 @@
+"""Stories from the trained pipeline: ``predict`` writes them, ``test`` scores them.
+
+The stage-2 MLLM writes, the (stage-3) de-tokenizer draws, both loaded from their exports and
+frozen; nothing trains here. ``predict_step`` generates a story per sample (start frames from the
+batch) with the :class:`~lightning_modules.components.story_generator.StoryGenerator` and writes
+each into ``output_dir``: frames as PNG, ``story.json`` and ``storyboard.html``. With
+``evaluator_dir``, every frame is also labelled by the evaluator (in ``story.json``) and
+``retention.json`` gives, per step, how much of the start frame's cast and background the stories
+keep. ``test`` runs the visualization protocol of :mod:`evaluation.protocol` on the test split and
+writes ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from datamodules.batch import batch_size
+from datamodules.story_format import StoryFormat
+from evaluation.evaluator import load_evaluator
+from evaluation.protocol import metric_table, score_story, write_metrics
+from evaluation.retention import StartCastRetention, retention_table
+from evaluation.story_metrics import StoryMetrics
+from lightning_modules.components.frozen import Frozen
+from lightning_modules.components.story_generator import GenerationSettings, Story, StoryGenerator
+from lightning_modules.components.storyboard import write_story
+from lightning_modules.detokenizer import DetokenizerModule, load_detokenizer
+from lightning_modules.detokenizer_adaptation import check_export_dirs
+from lightning_modules.story_mllm import StoryMLLMModule, exported_story_format, load_mllm
+
+log = logging.getLogger(__name__)
+
+
+class StoryGenerationModule(L.LightningModule):
+    """A frozen MLLM + de-tokenizer pair that generates (``predict``) and scores (``test``) stories.
+
+    Args:
+        detokenizer_dir: a ``save_detokenizer`` folder (stage 3's export, or stage 1's for the ablation).
+        mllm_dir: a ``save_mllm`` folder (stage 2's export).
+        generation: story generation settings (steps, decoding, sampler, context policy).
+        start_frames: how many frames of each predict sample start the story.
+        output_dir: where ``predict`` writes the stories and ``test`` its ``metrics.json``.
+        evaluator_dir: the story evaluator (a ``save_evaluator`` folder): ``test`` scores with it, and
+            ``predict`` labels every frame with it and writes ``retention.json``.
+        inception_weights_path: local Inception weights for FID at real scale (else evaluator features).
+        test_steps: ``test`` draws this many frames after each test story's first frame, from the
+            true captions, and scores them against the true frames.
+    """
+
+    def __init__(
+        self,
+        detokenizer_dir: str,
+        mllm_dir: str,
+        generation: GenerationSettings | None = None,
+        start_frames: int = 1,
+        output_dir: str = "runs/stories",
+        evaluator_dir: str | None = None,
+        inception_weights_path: str | None = None,
+        test_steps: int = 9,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        check_export_dirs(detokenizer_dir=detokenizer_dir, mllm_dir=mllm_dir)
+        self.detokenizer_dir, self.mllm_dir = detokenizer_dir, mllm_dir
+        self.generation = generation or GenerationSettings()
+        self.start_frames = start_frames
+        self.output_dir = output_dir
+        self.evaluator_dir = evaluator_dir
+        self.inception_weights_path = inception_weights_path
+        self.test_steps = test_steps
+        # start frames are read through the MLLM's ViT view; the text is written, not read
+        self.story_format = StoryFormat(None, exported_story_format(mllm_dir).vit_image_size)
+        self.frozen_parts: Frozen | None = None
+        self.story_metrics: StoryMetrics | None = None
+        self._retention: StartCastRetention | None = None  # during predict, when evaluator_dir is given
+        self.stories_written: list[Path] = []
+
+    def configure_model(self) -> None:
+        if self.frozen_parts is not None:
+            return
+        parts = torch.nn.ModuleDict({"mllm": load_mllm(self.mllm_dir), "detokenizer": load_detokenizer(self.detokenizer_dir)})
+        self.frozen_parts = Frozen(parts).to(self.device)
+
+    @property
+    def mllm(self) -> StoryMLLMModule:
+        return self.frozen_parts.net["mllm"]
+
+    @property
+    def detokenizer(self) -> DetokenizerModule:
+        return self.frozen_parts.net["detokenizer"]
+
+    # -- generation ------------------------------------------------------------------------
+
+    def story_generator(self, settings: GenerationSettings | None = None) -> StoryGenerator:
+        self.configure_model()
+        return StoryGenerator(self.mllm, self.detokenizer, settings or self.generation)
+
+    def generate_story(self, vit_pixels: torch.Tensor, captions: list[str], images: torch.Tensor | None = None,
+                       given_captions: list[str] | None = None, settings: GenerationSettings | None = None) -> Story:
+        """Continue (or visualize, with ``given_captions``) a story: the notebook's and the protocol's entry."""
+        return self.story_generator(settings).generate(vit_pixels, captions, captions=given_captions, start_images=images)
+
+    def on_predict_start(self) -> None:
+        """With ``evaluator_dir``, label every frame of every story to measure what it keeps of its start."""
+        self._retention = None
+        if self.evaluator_dir and Path(self.evaluator_dir).is_dir():
+            self._label_model = load_evaluator(self.evaluator_dir, self.device)
+            self._retention = StartCastRetention(self.start_frames + self.generation.steps).to(self.device)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        results = []
+        for row in range(batch_size(batch)):
+            k = min(self.start_frames, int(batch["num_frames"][row]))
+            story = self.generate_story(batch["vit_pixels"][row, :k], batch["captions"][row][:k], batch["pixels"][row, :k])
+            folder = Path(self.output_dir) / f"story_{batch['story_id'][row]}"
+            info = {"story_id": batch["story_id"][row], **story.summary(),
+                    "detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}
+            if self._retention is not None:
+                info["evaluator_labels"] = self._label_story(story, batch, row)
+            write_story(folder, f"story {batch['story_id'][row]}", story.captions,
+                        [s.image for s in story.steps], [s.given for s in story.steps], info)
+            self.stories_written.append(folder)
+            results.append({"story_id": batch["story_id"][row], "folder": str(folder), "captions": story.captions})
+        return results
+
+    def _label_story(self, story: Story, batch: dict[str, Any], row: int) -> list[dict[str, Any]]:
+        """The evaluator's characters and background for every frame; updates the retention metric."""
+        images = [s.image for s in story.steps]
+        if any(image is None for image in images):
+            return []
+        characters, backgrounds = self._label_model.predict_labels(torch.stack(images).to(self.device).float())
+        truth = batch["characters"][row]
+        if truth is not None and batch["background"][row] is not None:
+            self._retention.update(characters, backgrounds, truth[0], batch["background"][row])
+        return [{"characters": sorted(c), "background": b} for c, b in zip(characters, backgrounds, strict=True)]
+
+    def on_predict_end(self) -> None:
+        if self._retention is None:
+            return
+        scores = self._retention.compute()  # synced: every rank calls it, whatever it scored itself
+        if len(scores["stories"]) and self.trainer.is_global_zero:
+            path = Path(self.output_dir) / "retention.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({name: value.tolist() for name, value in scores.items()} | {
+                "evaluator_dir": self.evaluator_dir, "detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}, indent=2))
+            print(f"what the stories keep of their start frame ({path}):\n{retention_table(scores)}")
+
+    # -- standalone evaluation -------------------------------------------------------------
+
+    def on_test_start(self) -> None:
+        if not self.evaluator_dir or not Path(self.evaluator_dir).is_dir():
+            raise FileNotFoundError(f"evaluator_dir: {self.evaluator_dir} is not a folder; train the evaluator "
+                                    "(configs/tiny/evaluator.yaml) or point evaluator_dir at one")
+        self.story_metrics = StoryMetrics.from_folder(self.evaluator_dir, self.inception_weights_path).to(self.device)
+        dataset = self.trainer.datamodule.datasets["test"]
+        self._test_index = {story.story_id: i for i, story in enumerate(dataset.stories)}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        dataset = self.trainer.datamodule.datasets["test"]
+        for row in range(batch_size(batch)):
+            # the protocol: each test story's first frame, then its next test_steps frames
+            frames = dataset.load_frames(self._test_index[batch["story_id"][row]], range(1 + self.test_steps))
+            if not score_story(self, self.story_metrics, frames):
+                log.warning("test: story %s has a single frame, nothing to draw; not scored", batch["story_id"][row])
+
+    def on_test_epoch_end(self) -> None:
+        scores = self.story_metrics.compute()
+        self.story_metrics.reset()
+        for name, value in scores.items():
+            self.log(f"test/{name}", value)
+        if self.trainer.is_global_zero:
+            path = write_metrics(self.output_dir, scores, {"detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir,
+                                                           "evaluator_dir": self.evaluator_dir, "test_steps": self.test_steps})
+            log.info("test metrics (%s):\n%s", path, metric_table(scores))

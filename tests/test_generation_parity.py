@@ -1,0 +1,74 @@
+"""Generation feeds a story exactly as training lays it out (one story format, two forms).
+
+Teacher forcing through the step-by-step generator (true frames as context, true captions given)
+must regress the same features and give the same next-token logits as the whole-story
+``forward_story`` pass over that story.
+"""
+
+import pytest
+import torch
+
+from datamodules.sequence import layout_story, pad_stories
+from lightning_modules.components.caption_decoding import DecodeSettings
+from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
+from tests.test_story_mllm import _batch, _module, tokenizer_dir  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_teacher_forced_generation_equals_forward_story(tiny_world, tokenizer_dir, residual):  # noqa: F811
+    torch.manual_seed(0)
+    kwargs = dict(residual_features=True, queries_from_previous=True) if residual else {}
+    module = _module(tokenizer_dir, supervise="all", **kwargs).eval()
+    batch = _batch(tiny_world, n=1, max_images=4)
+    captions = batch["captions"][0]
+    with torch.no_grad():
+        whole = module.forward_story(batch)
+        features, _ = module.story_features(batch)
+        generator = StoryGenerator(module, None, GenerationSettings(draw_images=False, context=ContextPolicy(mode="dense")))
+        context = generator.new_context()
+        generator._feed_frame(context, captions[0], features[0], 0)
+        regressed, step_logits = [], []
+        for k in range(1, len(captions)):
+            _, predicted, hidden = generator.write_step(context, k, captions[k], None, previous=features[k - 1])
+            generator.close_image(context, features[k], k)  # teacher forcing: the true frame is read next
+            regressed.append(predicted)
+            step_logits.append(module.base_llm.lm_head(hidden))
+    # features: one target per frame 1..k, in order
+    assert whole.sequence.target_frames[:, 1].tolist() == list(range(1, len(captions)))
+    torch.testing.assert_close(torch.stack(regressed), whole.predicted_features, atol=1e-5, rtol=0)
+    # logits: every text token of each step ([INST] caption <img>) sees the same context in both forms
+    expected = []
+    for k in range(1, len(captions)):
+        img_start = int(whole.sequence.target_slots[k - 1, 0]) - 1  # the <img> before frame k's query slots
+        text = len(module.story_format.tokens.separator) + len(module.story_format.caption_ids(captions[k]))
+        expected.append(whole.logits[0, img_start - text : img_start + 1])
+    torch.testing.assert_close(torch.cat(step_logits), torch.cat(expected), atol=1e-5, rtol=0)
+
+
+def test_caption_decoding_is_greedy_on_a_full_recomputation(tiny_world, tokenizer_dir):  # noqa: F811
+    """Each token of the one decoding loop is the argmax of a cache-free pass over everything before it."""
+    torch.manual_seed(0)
+    module = _module(tokenizer_dir).eval()
+    batch = _batch(tiny_world, n=1, max_images=3)
+    features, _ = module.story_features(batch)
+    captions = batch["captions"][0][:2]
+    fmt = module.story_format
+    settings = GenerationSettings(draw_images=False, context=ContextPolicy(mode="dense"), decode=DecodeSettings(max_new_tokens=8))
+    generator = StoryGenerator(module, None, settings)
+    with torch.no_grad():
+        context = generator.new_context()
+        for i, (caption, frame) in enumerate(zip(captions, features[:2])):
+            generator._feed_frame(context, caption, frame, i)
+        ids = generator.decode_caption(context, context.feed_ids(fmt.tokens.step_opening(first=False)), None)
+        assert len(ids) > 0
+        assert generator.next_caption(features[:2], captions) == fmt.decode_text(ids)  # the tools' entry, same loop
+        # the same prompt, laid out by the whole-story form: two context frames, then [INST] + the decoded ids
+        whole = pad_stories([layout_story([*map(fmt.caption_ids, captions), ids], fmt.tokens)], fmt.tokens.pad,
+                            fmt.num_queries, "last")
+        base = module.base_llm
+        embeds = base.get_input_embeddings()(whole.input_ids)[0]
+        slots = module.input_resampler(features[:2]).reshape(-1, embeds.shape[-1])
+        embeds = embeds.index_copy(0, whole.context_slots.flatten(), slots)
+        logits = base.lm_head(base.model(inputs_embeds=embeds[None], position_ids=whole.position_ids).last_hidden_state[0])
+    last_separator = int(whole.context_slots[-1, -1]) + 1 + len(fmt.tokens.separator)  # after the slots: </img> [INST]
+    assert logits[last_separator : last_separator + len(ids)].argmax(-1).tolist() == ids
