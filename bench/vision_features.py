@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from datamodules.storystream import StoryStreamDataModule
-from datamodules.synthetic import CHARACTER_NAMES
+from datamodules.synthetic_world import CHARACTER_NAMES
 from evaluation.evaluator import names_to_multi_hot
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 

@@ -30,7 +30,6 @@ NOT_A_FILE = "not_a_file"
 EMPTY_IMAGE = "empty_image"
 UNREADABLE_IMAGE = "unreadable_image"  # decoding failed at load time (truncated, corrupt)
 
-GROUND_TRUTH_PER_FRAME = ("characters",)
 
 
 @dataclass

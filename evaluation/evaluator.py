@@ -15,7 +15,6 @@ generated frames look like; the CLIP normalisation happens inside. ``save_evalua
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -35,15 +33,17 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from datamodules.exports import load_tensors, prefixed, read_export, save_tensors, writing_export
 from datamodules.images import CLIP_MEAN, CLIP_STD
 from datamodules.records import caption_corpus
-from datamodules.synthetic import BACKGROUND_NAMES, CHARACTER_NAMES
+from datamodules.synthetic_world import BACKGROUND_NAMES, CHARACTER_NAMES
 
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")  # eos id 3: CLIP's legacy argmax pooling is for eos id 2
 HEADS_FILE = "evaluator_heads.safetensors"
-META_FILE = "evaluator.json"
+EXPORT_KIND = "evaluator"
+HEADS = ("character_head", "background_head")
 
 
 # -- tokenizer -----------------------------------------------------------------------------
@@ -232,14 +232,8 @@ def names_to_multi_hot(characters: Sequence[Sequence[str]], names: Sequence[str]
 
 
 def save_evaluator(net: StoryEvaluator, out_dir: str | Path) -> Path:
-    """``save_pretrained`` folder (CLIPModel + CLIPProcessor) + heads (safetensors) + label JSON."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    net.clip.save_pretrained(str(out))
-    CLIPProcessor(image_processor=net.image_processor(), tokenizer=net.tokenizer).save_pretrained(str(out))
-    heads = {f"character_head.{k}": v for k, v in net.character_head.state_dict().items()}
-    heads.update({f"background_head.{k}": v for k, v in net.background_head.state_dict().items()})
-    save_file({k: v.detach().cpu().contiguous() for k, v in heads.items()}, str(out / HEADS_FILE))
+    """The export: a ``save_pretrained`` CLIP folder (CLIPModel + CLIPProcessor) + heads (safetensors);
+    label names and threshold in ``export.json``."""
     meta = {
         "character_names": list(net.character_names),
         "background_names": list(net.background_names),
@@ -247,24 +241,26 @@ def save_evaluator(net: StoryEvaluator, out_dir: str | Path) -> Path:
         "image_size": net.image_size,
         "input_range": [-1, 1],
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
-    log.info("saved the evaluator to %s", out)
-    return out
+    with writing_export(out_dir, EXPORT_KIND, meta) as tmp:
+        net.clip.save_pretrained(str(tmp))
+        CLIPProcessor(image_processor=net.image_processor(), tokenizer=net.tokenizer).save_pretrained(str(tmp))
+        save_tensors(tmp, HEADS_FILE, {f"{name}.{k}": v for name in HEADS for k, v in getattr(net, name).state_dict().items()})
+    log.info("saved the evaluator to %s", out_dir)
+    return Path(out_dir)
 
 
 def load_evaluator(folder: str | Path, device: str | torch.device = "cpu") -> StoryEvaluator:
     """Load what :func:`save_evaluator` wrote, frozen and in eval mode (local files only)."""
-    folder = Path(folder)
-    if not (folder / META_FILE).exists():
-        raise FileNotFoundError(f"{folder} has no {META_FILE}: not a folder written by save_evaluator")
-    meta = json.loads((folder / META_FILE).read_text())
+    meta = read_export(folder, EXPORT_KIND)
     clip = CLIPModel.from_pretrained(str(folder), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     net = StoryEvaluator(clip, tokenizer, meta["character_names"], meta["background_names"], meta["threshold"])
-    heads = load_file(str(folder / HEADS_FILE))
-    missing, unexpected = net.load_state_dict(heads, strict=False)
-    if unexpected or any(k.startswith(("character_head", "background_head")) for k in missing):
-        raise ValueError(f"{folder / HEADS_FILE} does not match the heads: missing {missing}, unexpected {unexpected}")
+    heads = load_tensors(folder, HEADS_FILE)
+    for name in HEADS:  # strict per head; anything else in the file is not ours
+        getattr(net, name).load_state_dict(prefixed(heads, name))
+    unexpected = [k for k in heads if not k.startswith(tuple(f"{name}." for name in HEADS))]
+    if unexpected:
+        raise ValueError(f"{Path(folder) / HEADS_FILE} holds tensors no head has: {unexpected}")
     return net.to(device).eval().requires_grad_(False)
 
 

@@ -21,6 +21,8 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from datamodules.frozen import hold_frozen
+
 log = logging.getLogger(__name__)
 
 
@@ -73,14 +75,13 @@ class LPIPSMetric(Metric):
     def __init__(self, backbone_path: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         net, self.label = build_lpips_net(backbone_path)
-        # a plain attribute, not a submodule: the frozen net stays out of state_dict and optimizers
-        object.__setattr__(self, "_net", net)
+        hold_frozen(self, "lpips_net", net)  # out of state_dict and optimizers
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         with torch.no_grad():
-            net = self._net.to(preds.device)
+            net = self.lpips_net.to(preds.device)
             dist = net(preds.float().clamp(-1, 1), target.float().clamp(-1, 1)).flatten()
         self.total += dist.double().sum()
         self.count += dist.numel()

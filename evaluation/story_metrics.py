@@ -30,6 +30,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.multimodal import CLIPScore
 from torchmetrics.utilities import dim_zero_cat
 
+from datamodules.frozen import hold_frozen
 from evaluation.evaluator import clip_score_model, load_evaluator, names_to_multi_hot
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
-def _hide(owner: nn.Module, name: str, module: nn.Module) -> None:
-    """Keep a frozen network as a plain attribute: out of ``state_dict``, ``parameters()`` and optimizers."""
-    module.eval().requires_grad_(False)
-    if name in owner._modules:
-        del owner._modules[name]
-    object.__setattr__(owner, name, module)
-
-
 # -- FID -----------------------------------------------------------------------------------
 
 
@@ -68,7 +61,7 @@ class EvaluatorFeatureExtractor(nn.Module):
     def __init__(self, evaluator: Scorer, num_features: int):
         super().__init__()
         self.num_features = num_features  # spares torchmetrics its 299x299 dummy forward
-        _hide(self, "evaluator", evaluator)
+        hold_frozen(self, "evaluator", evaluator)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -109,7 +102,7 @@ class CLIPTextAlignment(CLIPScore):
 
     def __init__(self, clip_folder: str | Path, **kwargs: Any):
         super().__init__(model_name_or_path=clip_score_model(clip_folder), **kwargs)
-        _hide(self, "model", self.model)
+        hold_frozen(self, "model", self.model)
 
     def update(self, images: torch.Tensor, captions: Sequence[str]) -> None:  # type: ignore[override]
         with torch.no_grad():
@@ -240,7 +233,7 @@ class StoryMetrics(nn.Module):
         self, evaluator: Scorer, clip_folder: str | Path | None = None, inception_weights_path: str | None = None
     ):
         super().__init__()
-        _hide(self, "evaluator", evaluator)
+        hold_frozen(self, "evaluator", evaluator)
         if inception_weights_path:
             fid = StoryFID(inception_weights_path=inception_weights_path)
         else:

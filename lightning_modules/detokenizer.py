@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import EulerDiscreteScheduler
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from safetensors.torch import load_file, save_file
 
 from datamodules.batch import batch_size
+from datamodules.exports import load_tensors, read_export, save_tensors, writing_export
 from datamodules.story_format import StoryFormat
 from evaluation.reconstruction import reconstruction_metrics
 from lightning_modules.components import sharding
@@ -61,27 +60,8 @@ from lightning_modules.components.vision_encoder import FrozenVisionEncoder, Vis
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILE = "detokenizer.json"
+EXPORT_KIND = "detokenizer"
 ADAPTER_FILE = "adapter.safetensors"
-
-# A small SD-XL-shaped UNet for 64x64 pixels; cross_attention_dim and
-# projection_class_embeddings_input_dim are filled in from the adapter.
-TINY_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 16,  # 64 px folded 4x4 by the pixel codec (pixel_patch=4)
-    "in_channels": 48,
-    "out_channels": 48,
-    "block_out_channels": [64, 128, 256],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "attention_head_dim": [4, 4, 8],
-    "transformer_layers_per_block": 1,
-    "norm_num_groups": 16,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 16,
-    "use_linear_projection": True,
-}
-
 
 class DetokenizerModule(L.LightningModule):
     """ViT features -> image, trained with the ε- (or v-) prediction MSE of a DDPM schedule.
@@ -102,7 +82,7 @@ class DetokenizerModule(L.LightningModule):
         ema_decay: keep an EMA of the trainable weights (used for validation and export).
         num_inference_steps / guidance_scale: sampling defaults (Euler, CFG).
         val_images: how many validation frames (the first ones) are reconstructed and scored.
-        val_inference_steps / val_guidance_scale: cheaper sampling during validation (None: defaults).
+        val_inference_steps: cheaper sampling during validation (None: ``num_inference_steps``).
         lpips_backbone: local torchvision AlexNet weights for LPIPS (else the labelled random-net fallback).
         fsdp: sharding switches used under ``ModelParallelStrategy`` (mixed precision, checkpointing).
         export_dir: where :meth:`save_detokenizer` writes at the end of ``fit`` (stage 3 starts from it).
@@ -111,9 +91,9 @@ class DetokenizerModule(L.LightningModule):
 
     def __init__(
         self,
+        adapter: SDXLAdapterConfig,
+        unet: UNetSpec,
         vision_encoder: VisionEncoderConfig | None = None,
-        adapter: SDXLAdapterConfig | None = None,
-        unet: UNetSpec | None = None,
         vae_path: str | None = None,
         pixel_patch: int = 4,
         position_channels: int = 0,
@@ -126,7 +106,6 @@ class DetokenizerModule(L.LightningModule):
         guidance_scale: float = 7.5,
         val_images: int = 8,
         val_inference_steps: int | None = None,
-        val_guidance_scale: float | None = None,
         lpips_backbone: str | None = None,
         sample_seed: int = 0,
         export_dir: str | None = None,
@@ -137,8 +116,8 @@ class DetokenizerModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.vision_config = vision_encoder or VisionEncoderConfig()
-        self.adapter_config = adapter or _default_adapter(self.vision_config)
-        self.unet_spec = unet or UNetSpec(config=TINY_UNET_CONFIG)
+        self.adapter_config = adapter
+        self.unet_spec = unet
         self.noise_spec = noise or NoiseSpec()
         self.vae_path = vae_path
         self.pixel_patch = pixel_patch
@@ -151,7 +130,6 @@ class DetokenizerModule(L.LightningModule):
         self.guidance_scale = guidance_scale
         self.val_images = val_images
         self.val_inference_steps = val_inference_steps or num_inference_steps
-        self.val_guidance_scale = val_guidance_scale if val_guidance_scale is not None else guidance_scale
         self.sample_seed = sample_seed
         self.export_dir = export_dir
         self.fsdp = fsdp or FSDPSettings()
@@ -182,12 +160,17 @@ class DetokenizerModule(L.LightningModule):
         """Build the UNet (and codec) once; choose what trains."""
         if self.unet is not None:
             return
-        self.unet = build_unet(self.unet_spec, self.adapter_config.cross_attention_dim, self.adapter_config.pooled_dim)
+        if not self.unet_spec.meta_init:
+            self.codec = load_codec(self.vae_path, pixel_patch=self.pixel_patch)
+        # a UNet built from a config that leaves its channels out gets them from what feeds it:
+        # the codec's latents + position maps + the adapter's spatial map in, the latents out
+        latent = self.codec.channels if self.codec is not None else None
+        spatial = self.adapter_config.spatial_channels
+        io = (latent + self.position_channels + spatial, latent) if latent is not None else None
+        self.unet = build_unet(self.unet_spec, self.adapter_config.cross_attention_dim, self.adapter_config.pooled_dim, io)
         trainable = select_trainable(self.unet, self.train_unet, lora_rank=self.lora_rank)
         log.info("UNet: %d trainable tensors (train_unet=%s)", len(trainable), self.train_unet)
         if not self.unet_spec.meta_init:
-            self.codec = load_codec(self.vae_path, pixel_patch=self.pixel_patch)
-            spatial = self.adapter_config.spatial_channels
             want_in, want_out = self.codec.channels + self.position_channels + spatial, self.codec.channels
             if (self.unet.config.in_channels, self.unet.config.out_channels) != (want_in, want_out):
                 raise ValueError(
@@ -291,7 +274,7 @@ class DetokenizerModule(L.LightningModule):
             batch["crop_top_left"][:take],
             batch["target_size"][:take],
             num_inference_steps=self.val_inference_steps,
-            guidance_scale=self.val_guidance_scale,
+            guidance_scale=self.guidance_scale,
             generator=generator,
         )
         target = batch["pixels"][:take]
@@ -387,44 +370,36 @@ class DetokenizerModule(L.LightningModule):
     def export_config(self) -> dict[str, Any]:
         """Everything except weights needed to rebuild this de-tokenizer."""
         return {
-            "format": 1,
             "vision_encoder": dataclasses.asdict(self.vision_config),
             "adapter": dataclasses.asdict(self.adapter_config),
             "noise": dataclasses.asdict(self.noise_spec),
-            "noise_scheduler": dict(self.noise_scheduler.config),
             "vae_path": self.vae_path,
             "pixel_patch": self.pixel_patch,
             "position_channels": self.position_channels,
-            "sampling": {"scheduler": "EulerDiscreteScheduler", "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale},
+            "sampling": {"scheduler": "EulerDiscreteScheduler", "num_inference_steps": self.num_inference_steps,
+                         "guidance_scale": self.guidance_scale},
         }
 
     def save_detokenizer(self, directory: str | Path) -> Path:
-        """Write ``unet/`` (diffusers format, LoRA fused), ``adapter.safetensors`` and ``detokenizer.json``.
-
-        With EMA, the averaged weights are exported.
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
-            merged_unet_copy(self.unet).save_pretrained(directory / "unet")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.adapter.state_dict().items()}
-            save_file(state, str(directory / ADAPTER_FILE))
-        (directory / EXPORT_FILE).write_text(json.dumps(self.export_config(), indent=2, default=str))
+        """The export: ``unet/`` (diffusers format, LoRA fused) and ``adapter.safetensors``; with EMA, the averaged weights."""
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext(), \
+                writing_export(directory, EXPORT_KIND, self.export_config()) as tmp:
+            merged_unet_copy(self.unet).save_pretrained(tmp / "unet")
+            save_tensors(tmp, ADAPTER_FILE, self.adapter.state_dict())
         log.info("exported the de-tokenizer to %s", directory)
-        return directory
+        return Path(directory)
 
     @classmethod
     def load_detokenizer(cls, directory: str | Path, **overrides: Any) -> DetokenizerModule:
         """Rebuild a de-tokenizer saved by :meth:`save_detokenizer` (frozen UNet; override e.g. ``train_unet``)."""
-        directory = Path(directory)
-        spec = json.loads((directory / EXPORT_FILE).read_text())
+        spec = read_export(directory, EXPORT_KIND)
         kwargs: dict[str, Any] = dict(
             vision_encoder=VisionEncoderConfig(**spec["vision_encoder"]),
             adapter=adapter_config_from_dict(spec["adapter"]),
             unet=UNetSpec(path=str(directory), subfolder="unet"),
             vae_path=spec["vae_path"],
             pixel_patch=spec["pixel_patch"],
-            position_channels=spec.get("position_channels", 0),
+            position_channels=spec["position_channels"],
             noise=NoiseSpec(**spec["noise"]),
             train_unet="none",
             num_inference_steps=spec["sampling"]["num_inference_steps"],
@@ -433,7 +408,7 @@ class DetokenizerModule(L.LightningModule):
         kwargs.update(overrides)
         module = cls(**kwargs)
         module.configure_model()
-        module.adapter.load_state_dict(load_file(str(directory / ADAPTER_FILE)))
+        module.adapter.load_state_dict(load_tensors(directory, ADAPTER_FILE))
         return module
 
 
@@ -447,17 +422,6 @@ def adapter_config_from_dict(data: dict[str, Any]) -> SDXLAdapterConfig:
     data["resampler"] = PerceiverConfig(**data["resampler"])
     data["proj_dims"] = tuple(data["proj_dims"])
     return SDXLAdapterConfig(**data)
-
-
-def _default_adapter(vision: VisionEncoderConfig) -> SDXLAdapterConfig:
-    """A small adapter matched to the tiny encoder and :data:`TINY_UNET_CONFIG`."""
-    dim = FrozenVisionEncoder(vision).dim if vision.backend != "hf" else vision.output_dim or 128
-    return SDXLAdapterConfig(
-        resampler=PerceiverConfig(input_dim=dim, dim=128, depth=2, heads=4, dim_head=32, num_queries=32, output_dim=128),
-        proj_dims=(32, 96),
-        pooled_dim=96,
-        pool_heads=4,
-    )
 
 
 def _grid(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -20,9 +20,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from datamodules.batch import batch_size
+from datamodules.frozen import Frozen
 from datamodules.sequence import Supervise
 from lightning_modules.components import sharding
-from lightning_modules.components.frozen import Frozen
 from lightning_modules.components.noise import noise_keys
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sharding import FSDPSettings

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelExactMatch
 from transformers import AutoTokenizer, CLIPModel
 
 from datamodules.batch import batch_size
-from datamodules.synthetic import BACKGROUND_NAMES, CHARACTER_NAMES
+from datamodules.synthetic_world import BACKGROUND_NAMES, CHARACTER_NAMES
 from evaluation.evaluator import StoryEvaluator, make_evaluator_tokenizer, save_evaluator, tiny_clip_config
 from lightning_modules.components import sharding
 from lightning_modules.components.schedules import optimizer_config

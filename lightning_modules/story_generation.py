@@ -21,12 +21,12 @@ import lightning as L
 import torch
 
 from datamodules.batch import batch_size
+from datamodules.frozen import Frozen
 from datamodules.story_format import StoryFormat
 from evaluation.evaluator import load_evaluator
 from evaluation.protocol import metric_table, score_story, write_metrics
 from evaluation.retention import StartCastRetention, retention_table
 from evaluation.story_metrics import StoryMetrics
-from lightning_modules.components.frozen import Frozen
 from lightning_modules.components.story_generator import GenerationSettings, Story, StoryGenerator
 from lightning_modules.components.storyboard import write_story
 from lightning_modules.detokenizer import DetokenizerModule, load_detokenizer

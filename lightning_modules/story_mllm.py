@@ -15,7 +15,6 @@ projection, norms / embeddings / LM head trained, the published optimiser recipe
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -24,10 +23,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from datamodules.batch import batch_size
+from datamodules.exports import load_tensors, prefixed, read_export, save_tensors, writing_export
 from datamodules.sequence import IGNORE_INDEX, StorySequence
 from datamodules.story_format import StoryFormat, StoryFormatConfig
 from lightning_modules.components import sharding, story_llm
@@ -40,9 +39,8 @@ from lightning_modules.components.vision_encoder import FrozenVisionEncoder, Vis
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILE = "mllm.json"
+EXPORT_KIND = "mllm"
 RESAMPLERS_FILE = "resamplers.safetensors"
-TOKEN_EMBEDDINGS_FILE = "story_token_embeddings.safetensors"
 
 
 @dataclasses.dataclass
@@ -292,7 +290,7 @@ class StoryMLLMModule(L.LightningModule):
         sharding.export_at_fit_end(self, self.export_dir)
 
     def export(self, directory: str | Path) -> Path:
-        """peft adapter (or full LLM), resamplers as safetensors, tokenizer and ``mllm.json``."""
+        """peft adapter (or full LLM), resamplers as safetensors, tokenizer and ``export.json``."""
         return save_mllm(self, directory)
 
 
@@ -319,39 +317,25 @@ def blur_toward_story_mean(features: torch.Tensor, feature_index: torch.Tensor, 
 
 
 def save_mllm(module: StoryMLLMModule, out_dir: str | Path) -> Path:
-    """Write everything stage 3 and generation need, in standard formats.
+    """The export: everything stage 3 and generation need, in standard formats.
 
-    ``llm_adapter/`` (peft ``save_pretrained``, LoRA + the modules trained whole) or ``llm/``
-    (a full ``save_pretrained`` when trained without LoRA), ``tokenizer/``, the resamplers and the
-    story-token embedding rows as safetensors, and ``mllm.json`` to rebuild the module.
+    ``llm_adapter/`` (peft ``save_pretrained``, LoRA + the modules trained whole, the new token rows
+    among them) or ``llm/`` (a full ``save_pretrained`` when trained without LoRA), ``tokenizer/``,
+    the resamplers as safetensors, and the module's settings in ``export.json``.
     """
     module.ensure_built()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if module.lora is not None:
-        module.llm.save_pretrained(str(out / "llm_adapter"))
-    else:
-        module.llm.save_pretrained(str(out / "llm"))
-    module.story_format.tokenizer.save_pretrained(str(out / "tokenizer"))
-    resamplers = {f"input_resampler.{k}": v for k, v in module.input_resampler.state_dict().items()}
-    resamplers.update({f"output_resampler.{k}": v for k, v in module.output_resampler.state_dict().items()})
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in resamplers.items()}, str(out / RESAMPLERS_FILE))
-    base = module.base_llm
-    new = slice(module.base_vocab_size, None)
-    save_file({
-        "input_embeddings": base.get_input_embeddings().weight[new].detach().float().cpu().contiguous(),
-        "output_embeddings": base.get_output_embeddings().weight[new].detach().float().cpu().contiguous(),
-    }, str(out / TOKEN_EMBEDDINGS_FILE))
-    hparams = {k: v for k, v in module.hparams.items() if k not in ("export_dir", "fsdp")}
-    (out / EXPORT_FILE).write_text(json.dumps(_jsonable(hparams), indent=2))
-    return out
+    config = _jsonable({k: v for k, v in module.hparams.items() if k not in ("export_dir", "fsdp")})
+    with writing_export(out_dir, EXPORT_KIND, config) as tmp:
+        module.llm.save_pretrained(str(tmp / ("llm_adapter" if module.lora is not None else "llm")))
+        module.story_format.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        resamplers = {f"input_resampler.{k}": v for k, v in module.input_resampler.state_dict().items()}
+        resamplers.update({f"output_resampler.{k}": v for k, v in module.output_resampler.state_dict().items()})
+        save_tensors(tmp, RESAMPLERS_FILE, resamplers)
+    return Path(out_dir)
 
 
 def _read_export(export_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    root = Path(export_dir)
-    if not (root / EXPORT_FILE).is_file():
-        raise FileNotFoundError(f"{root / EXPORT_FILE} not found: point at a folder written by save_mllm (stage 2's export_dir)")
-    return root, json.loads((root / EXPORT_FILE).read_text())
+    return Path(export_dir), read_export(export_dir, EXPORT_KIND)
 
 
 def _exported_format_config(root: Path, config: dict[str, Any]) -> StoryFormatConfig:
@@ -388,9 +372,9 @@ def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> Sto
 
         module.llm = PeftModel.from_pretrained(module.llm, str(root / "llm_adapter"))
         module.lora = LoRASpec()
-    state = load_file(str(root / RESAMPLERS_FILE))
-    module.input_resampler.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("input_resampler.")})
-    module.output_resampler.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("output_resampler.")})
+    state = load_tensors(root, RESAMPLERS_FILE)
+    module.input_resampler.load_state_dict(prefixed(state, "input_resampler"))
+    module.output_resampler.load_state_dict(prefixed(state, "output_resampler"))
     module.requires_grad_(False)
     return module.to(device).eval()
 

@@ -44,3 +44,19 @@ def tiny_init_args(config: str) -> dict:
     import yaml
 
     return yaml.safe_load(Path(config).read_text())["model"]["init_args"]
+
+
+def tiny_detokenizer_args() -> dict:
+    """The tiny stage-1 config's de-tokenizer, as ``DetokenizerModule`` arguments (encoder, adapter, UNet, noise)."""
+    import yaml
+
+    from lightning_modules.components.noise import NoiseSpec
+    from lightning_modules.components.unet import UNetSpec
+    from lightning_modules.components.vision_encoder import VisionEncoderConfig
+    from lightning_modules.detokenizer import adapter_config_from_dict
+
+    args = tiny_init_args("configs/tiny/stage1_detokenizer.yaml")
+    vision = yaml.safe_load(Path("configs/tiny").joinpath(args["vision_encoder"]).read_text())
+    return dict(vision_encoder=VisionEncoderConfig(**vision), adapter=adapter_config_from_dict(args["adapter"]),
+                unet=UNetSpec(config=args["unet"]["config"]), noise=NoiseSpec(**args["noise"]),
+                pixel_patch=args["pixel_patch"], position_channels=args["position_channels"])

@@ -96,7 +96,7 @@ def test_stage3_run_logs_stories_and_metrics_to_offline_wandb(tiny_world, export
     assert len(table["data"]) == 2 * 3  # continuation and visualization, 1 start + 2 steps each
     # the same stories as files in the run directory, for anyone without W&B
     boards = list(Path(cli.trainer.log_dir or tmp_path).rglob("storyboard.html"))
-    assert len(boards) == 2 and (tmp_path / "export" / "detokenizer.json").is_file()
+    assert len(boards) == 2 and (tmp_path / "export" / "export.json").is_file()
 
 
 def _validate_with_callbacks(world, exports, evaluator_dir, out, extra):  # noqa: F811

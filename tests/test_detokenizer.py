@@ -15,14 +15,16 @@ from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.sdxl_adapter import SDXLAdapterConfig
 from lightning_modules.components.unet import UNetSpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
-from lightning_modules.detokenizer import TINY_UNET_CONFIG, DetokenizerModule, load_detokenizer
+from lightning_modules.detokenizer import DetokenizerModule, load_detokenizer
+from tests.conftest import tiny_detokenizer_args, tiny_init_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny" / "stage1_detokenizer.yaml"
 REAL_CONFIG = ROOT / "configs" / "seed_story" / "stage1_detokenizer.yaml"
 SDXL_UNET_PARAMS = 2_567_463_684
 
-SMALL_UNET = {**TINY_UNET_CONFIG, "block_out_channels": [32, 32, 64], "attention_head_dim": [2, 2, 4]}
+# the tiny config's UNet, narrower (its channels come from the codec: 64 px folded 4x4 -> 48)
+SMALL_UNET = {**tiny_init_args(str(TINY_CONFIG))["unet"]["config"], "block_out_channels": [32, 32, 64], "attention_head_dim": [2, 2, 4]}
 
 
 def small_module(**overrides) -> DetokenizerModule:
@@ -102,9 +104,36 @@ def test_tiny_config_fast_dev_run(tiny_world: Path, tmp_path: Path):
     assert optimized == {id(p) for p in cli.model.parameters() if p.requires_grad}
 
 
-def test_empty_batch_is_skipped():
+def test_an_empty_batch_takes_no_optimizer_step_and_the_run_goes_on():
+    """A batch whose every sample was unreadable: no loss, no step; the next real batch trains."""
     module = small_module()
-    assert module.training_step({"skipped": {"unreadable_image": 2}}, 0) is None
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    empty = {"skipped": {"unreadable_image": 2}}
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader([empty, fake_batch(2), empty], batch_size=None))
+    state = trainer.optimizers[0].state  # AdamW counts the updates each parameter received
+    assert state and {int(s["step"]) for s in state.values()} == {1}  # the real batch's update only
+    assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters() if p.requires_grad)
+
+
+def test_ema_tracks_the_trainable_weights_and_is_what_gets_exported(tmp_path: Path):
+    module = small_module(ema_decay=0.75)
+    params = module.trainable_parameters()
+    start = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    module.on_train_batch_end(None, None, 0)
+    for shadow, s in zip(module.ema.shadow, start, strict=True):  # 0.75 * old + 0.25 * new
+        torch.testing.assert_close(shadow, s + 0.25)
+    module.save_detokenizer(tmp_path)
+    loaded = load_detokenizer(tmp_path)
+    shadow_of = {id(p): shadow for p, shadow in zip(params, module.ema.shadow, strict=True)}
+    exported = loaded.adapter.state_dict()
+    for name, p in module.adapter.named_parameters():
+        torch.testing.assert_close(exported[name], shadow_of[id(p)])
+    assert not torch.equal(loaded.adapter.proj_a.weight, module.adapter.proj_a.weight)  # the live weights stay live
 
 
 # -- what trains -----------------------------------------------------------------------------
@@ -170,7 +199,7 @@ def test_export_round_trip(tmp_path: Path, mode: str):
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     module.save_detokenizer(tmp_path)
-    assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "detokenizer.json").is_file()
+    assert (tmp_path / "adapter.safetensors").is_file() and (tmp_path / "export.json").is_file()
 
     batch = fake_batch(2)
     cond = module.conditioning(module.vision_encoder(batch["vit_pixels"]), torch.full((2, 6), 64.0))
@@ -257,11 +286,8 @@ def test_overfits_a_handful_of_frames(tiny_world: Path):
     batch = next(iter(dm.train_dataloader()))
     batch.pop("skipped", None)
     torch.manual_seed(0)
-    from lightning_modules.components.noise import NoiseSpec
-
-    # the tiny default architecture and noise (SD-XL schedule, x0 prediction)
-    noise = NoiseSpec(prediction_type="sample", timestep_spacing="trailing", steps_offset=0)
-    module = DetokenizerModule(train_unet="full", cond_dropout=0.0, noise=noise)
+    # the tiny config's architecture and noise (SD-XL schedule, x0 prediction)
+    module = DetokenizerModule(**tiny_detokenizer_args(), train_unet="full", cond_dropout=0.0)
     steps = 200
 
     def one_cycle():  # the tiny config's schedule: warm up, then anneal to a settled model

@@ -12,7 +12,7 @@ import torch
 from torchmetrics.multimodal import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
-from datamodules import synthetic
+from datamodules import synthetic, synthetic_world
 from datamodules.storystream import StoryStreamDataModule
 from evaluation.evaluator import clip_score_model, load_evaluator, make_evaluator_tokenizer, save_evaluator
 from evaluation.story_metrics import to_uint8
@@ -74,8 +74,8 @@ def test_save_load_round_trip(tiny_world, tmp_path):
         module.net.character_head.bias[2] = 10.0
         module.net.background_head.bias[5] = 10.0
     folder = save_evaluator(module.net, tmp_path / "export")
-    meta = json.loads((folder / "evaluator.json").read_text())
-    assert meta["character_names"] == list(synthetic.CHARACTER_NAMES)
+    manifest = json.loads((folder / "export.json").read_text())
+    assert manifest["kind"] == "evaluator" and manifest["config"]["character_names"] == list(synthetic_world.CHARACTER_NAMES)
     loaded = load_evaluator(folder)
     images = frames(3, seed=1)
     with torch.no_grad():
@@ -86,7 +86,7 @@ def test_save_load_round_trip(tiny_world, tmp_path):
             atol=1e-6,
         )
     assert loaded.predict_background(images) == module.predict_background(images) == ["snow"] * 3
-    assert all(synthetic.CHARACTER_NAMES[2] in s for s in loaded.predict_characters(images))
+    assert all(synthetic_world.CHARACTER_NAMES[2] in s for s in loaded.predict_characters(images))
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
@@ -163,7 +163,7 @@ def chance_levels(world: Path) -> dict[str, float]:
 
     bgs = Counter(r["background"] for r in held for _ in r["characters"])
     return {
-        "char_f1": max(f1(set(synthetic.CHARACTER_NAMES)), f1(common)),
+        "char_f1": max(f1(set(synthetic_world.CHARACTER_NAMES)), f1(common)),
         "frame_acc": max(sum(t == common for t in truth), max(Counter(map(frozenset, truth)).values())) / len(truth),
         "background_acc": max(bgs.values()) / sum(bgs.values()),
     }

@@ -7,11 +7,15 @@ import torch
 
 from datamodules.storystream import StoryStreamDataModule
 from lightning_modules.components.noise import NoiseSpec
+from lightning_modules.components.perceiver import PerceiverConfig
+from lightning_modules.components.sdxl_adapter import SDXLAdapterConfig
 from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings
+from lightning_modules.components.unet import UNetSpec
 from lightning_modules.detokenizer import DetokenizerModule
 from lightning_modules.detokenizer_adaptation import DetokenizerAdaptationModule
 from lightning_modules.story_mllm import save_mllm
 from tests.conftest import data_args
+from tests.test_detokenizer import SMALL_UNET
 from tests.test_story_mllm import TINY_ENCODER, _module, tokenizer_dir  # noqa: F401  (fixture)
 from tools.cli import cli_main
 
@@ -23,8 +27,10 @@ def exports(tokenizer_dir, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("exports")
     torch.manual_seed(0)
     noise = NoiseSpec(prediction_type="sample", timestep_spacing="trailing", steps_offset=0)  # the tiny default
-    detok = DetokenizerModule(vision_encoder=TINY_ENCODER, train_unet="full", num_inference_steps=2, guidance_scale=1.0,
-                              noise=noise)
+    adapter = SDXLAdapterConfig(resampler=PerceiverConfig(input_dim=64, dim=32, depth=1, heads=2, dim_head=16, num_queries=8,
+                                                          output_dim=32), proj_dims=(16, 32), pooled_dim=32, pool_heads=2)
+    detok = DetokenizerModule(vision_encoder=TINY_ENCODER, adapter=adapter, unet=UNetSpec(config=SMALL_UNET), train_unet="full",
+                              num_inference_steps=2, guidance_scale=1.0, noise=noise)
     detok.configure_model()
     detok.save_detokenizer(root / "stage1")
     save_mllm(_module(tokenizer_dir), root / "stage2")

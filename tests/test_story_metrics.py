@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from datamodules.synthetic import BACKGROUND_NAMES, CHARACTER_NAMES
+from datamodules.synthetic_world import BACKGROUND_NAMES, CHARACTER_NAMES
 from evaluation.evaluator import (
     StoryEvaluator,
     load_evaluator,
@@ -246,11 +246,35 @@ def test_two_processes_agree_with_one(evaluator_dir, tmp_path):
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
-def test_a_story_with_nothing_after_its_start_frame_is_skipped_not_fatal():
+class EchoGenerator:
+    """Draws each given caption's true frame: the protocol must score exactly the frames after the start."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, frames: dict):
+        self.frames = frames
+
+    def generate_story(self, vit_pixels, captions, images, given_captions=None, settings=None):
+        from types import SimpleNamespace
+
+        start = [SimpleNamespace(image=image, given=True) for image in images]
+        drawn = [SimpleNamespace(image=self.frames["pixels"][len(start) + i], given=False) for i in range(len(given_captions))]
+        return SimpleNamespace(steps=start + drawn)
+
+
+def test_the_protocol_scores_the_frames_after_the_start_and_skips_a_single_frame_story(evaluator_dir):
     from evaluation.protocol import score_story
 
-    single = {"captions": ["Bolt waves hello."], "vit_pixels": None, "pixels": None}
-    assert score_story(None, None, single) is False  # nothing generated, nothing scored, no error
+    metrics = StoryMetrics.from_folder(evaluator_dir)
+    pixels = images(3, 7)
+    story = {"captions": CAPTIONS[:3], "vit_pixels": pixels, "pixels": pixels, "characters": [["Bolt"], ["Bolt", "Pip"], ["Mira"]],
+             "background": "meadow", "story_id": "s"}
+    assert score_story(EchoGenerator(story), metrics, story) is True
+    assert int(metrics.metrics["clip_i"].count) == 2  # frames 1 and 2; the start frame is given, not scored
+    assert metrics.compute()["clip_i"] == pytest.approx(1.0, abs=1e-5)  # the truth drawn: a perfect score
+    single = {**story, "captions": story["captions"][:1], "vit_pixels": pixels[:1], "pixels": pixels[:1]}
+    assert score_story(EchoGenerator(single), metrics, single) is False  # nothing to draw: skipped, no error
+    assert int(metrics.metrics["clip_i"].count) == 2
 
 
 def test_rank_share_gives_every_rank_the_same_number_of_generations():

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from datamodules import records
+from datamodules.dataset import EpochSampler
 from datamodules.images import CLIP_MEAN, CLIP_STD, FrameViews
-from datamodules.storystream import EpochSampler, StoryStreamDataModule, SyntheticWorld
+from datamodules.storystream import StoryStreamDataModule, SyntheticWorld
 from tests.conftest import data_args
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules import synthetic
+from datamodules import synthetic, synthetic_world
 
 
 def _records(world: Path) -> list[dict]:
@@ -35,19 +35,19 @@ def test_storystream_format_and_ground_truth(tiny_world):
         assert len(r["images"]) == len(r["captions"]) == len(r["characters"]) == 30
         assert r["orders"] == list(range(30))
         assert all((tiny_world / "images" / p).is_file() for p in r["images"])
-        assert 1 <= len(r["cast"]) <= 3 and r["background"] in synthetic.BACKGROUND_NAMES
+        assert 1 <= len(r["cast"]) <= 3 and r["background"] in synthetic_world.BACKGROUND_NAMES
         for caption, present in zip(r["captions"], r["characters"]):
             assert present and set(present) <= set(r["cast"])
             for name in present:  # every character on screen is named
                 assert name in caption
-            for name in set(synthetic.CHARACTER_NAMES) - set(r["cast"]):
+            for name in set(synthetic_world.CHARACTER_NAMES) - set(r["cast"]):
                 assert name not in caption
 
 
 def test_world_is_varied_enough_to_measure_consistency():
-    assert len(synthetic.CHARACTERS) >= 8 and len(synthetic.BACKGROUNDS) >= 6
+    assert len(synthetic_world.CHARACTERS) >= 8 and len(synthetic_world.BACKGROUNDS) >= 6
     for attr in ("shape", "color", "mark"):
-        assert len({getattr(c, attr) for c in synthetic.CHARACTERS}) == len(synthetic.CHARACTERS)
+        assert len({getattr(c, attr) for c in synthetic_world.CHARACTERS}) == len(synthetic_world.CHARACTERS)
     rng = __import__("random").Random(0)
     stories = [synthetic.make_story(rng, i) for i in range(200)]
     assert {len(s["cast"]) for s in stories} == {1, 2, 3}
@@ -72,8 +72,8 @@ def test_frames_follow_their_captions():
         for t in range(1, 30):
             caption, actors = story["captions"][t], story["states"][t]
             name = caption.split()[0]
-            colour = next(c.color for c in synthetic.CHARACTERS if c.name == name)
-            if colour in (bg.sky, bg.ground) or any(c.color == colour for c in synthetic.CHARACTERS if c.name != name):
+            colour = next(c.color for c in synthetic_world.CHARACTERS if c.name == name)
+            if colour in (bg.sky, bg.ground) or any(c.color == colour for c in synthetic_world.CHARACTERS if c.name != name):
                 continue
             others = [a for a in actors if a.name != name]
             if f"{name} jumps high." in caption:

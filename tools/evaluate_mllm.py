@@ -24,7 +24,7 @@ import torch
 from datamodules import records
 from datamodules.images import FileStore, decode_rgb
 from datamodules.sequence import IGNORE_INDEX
-from datamodules.synthetic import CHARACTER_NAMES
+from datamodules.synthetic_world import CHARACTER_NAMES
 from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
 from lightning_modules.story_mllm import StoryMLLMModule, load_mllm
 

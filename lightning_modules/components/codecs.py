@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
-from lightning_modules.components.frozen import Frozen
+from datamodules.frozen import Frozen
 
 
 class PixelCodec(nn.Module):
@@ -37,7 +37,7 @@ class PixelCodec(nn.Module):
 class VAECodec(nn.Module):
     """A frozen diffusers ``AutoencoderKL`` (SD-XL's VAE): latents are scaled by its ``scaling_factor``.
 
-    Held by :class:`~lightning_modules.components.frozen.Frozen` (rebuilt from its local path, never
+    Held by :class:`~datamodules.frozen.Frozen` (rebuilt from its local path, never
     in checkpoints), like the vision encoder.
     """
 

@@ -9,11 +9,12 @@ Lightning (through an fsspec transaction), so only the sharded path needs this.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import ModelParallelStrategy
+
+from datamodules.exports import remove_path, swap_into_place
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -27,29 +28,10 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         final = Path(self.broadcast(str(filepath)))
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         if self.is_global_zero and partial.exists():  # left by an earlier crash
-            _remove(partial)
+            remove_path(partial)
         self.barrier("atomic_checkpoint_clean")
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("atomic_checkpoint_written")  # every shard is on disk
         if self.is_global_zero:
             swap_into_place(partial, final)
         self.barrier("atomic_checkpoint_swapped")
-
-
-def swap_into_place(partial: Path, final: Path) -> None:
-    """Replace ``final`` (file or folder) by ``partial`` with renames: no moment without a whole checkpoint."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        _remove(old)
-    if final.exists() or final.is_symlink():
-        final.rename(old)
-    partial.rename(final)
-    if old.exists() or old.is_symlink():
-        _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()

@@ -40,8 +40,12 @@ def load_unet_config(config: dict[str, Any] | str) -> dict[str, Any]:
     return dict(config)
 
 
-def build_unet(spec: UNetSpec, cross_attention_dim: int, pooled_dim: int) -> UNet2DConditionModel:
-    """Build the UNet and check it accepts the adapter's conditioning widths."""
+def build_unet(spec: UNetSpec, cross_attention_dim: int, pooled_dim: int,
+               channels: tuple[int, int] | None = None) -> UNet2DConditionModel:
+    """Build the UNet and check it accepts the adapter's conditioning widths.
+
+    ``channels`` (in, out) fill a config's ``in_channels`` / ``out_channels`` when it leaves them out.
+    """
     if spec.path is not None and not spec.meta_init:
         unet = UNet2DConditionModel.from_pretrained(spec.path, subfolder=spec.subfolder, local_files_only=True)
     else:
@@ -53,6 +57,9 @@ def build_unet(spec: UNetSpec, cross_attention_dim: int, pooled_dim: int) -> UNe
         else:
             config = load_unet_config(spec.config)
         config = _fit_conditioning(config, cross_attention_dim, pooled_dim)
+        if channels is not None:
+            config.setdefault("in_channels", channels[0])
+            config.setdefault("out_channels", channels[1])
         with torch.device("meta") if spec.meta_init else contextlib.nullcontext(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
             unet = UNet2DConditionModel.from_config(config)

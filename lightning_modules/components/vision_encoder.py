@@ -1,7 +1,7 @@
 """The frozen visual tokenizer: ``vit_pixels`` (B, 3, S, S) -> (B, N, D) feature tokens.
 
 The tower is never trained and its weights are either a local pretrained folder or rebuilt
-deterministically from a config, so it is held by :class:`~lightning_modules.components.frozen.Frozen`:
+deterministically from a config, so it is held by :class:`~datamodules.frozen.Frozen`:
 not in ``parameters()`` (never reaches an optimizer), not in ``state_dict()`` (checkpoints stay
 small), still moved by ``.to()``. It is built lazily on first use (instantiating a real-scale
 config costs nothing and never touches weights).
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.components.frozen import Frozen
+from datamodules.frozen import Frozen
 
 log = logging.getLogger(__name__)
 

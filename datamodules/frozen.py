@@ -5,6 +5,8 @@ config or loaded from a local folder, so storing them in every checkpoint (7 B p
 stage 3's MLLM) or handing them to an optimizer is waste. ``Frozen(net)`` is a submodule with no
 parameters or buffers of its own: ``parameters()``, ``state_dict()``, FSDP and optimizers never
 see ``net``, while ``.to()`` / ``.half()`` reach it and ``.train()`` leaves it in eval mode.
+
+It sits in the bottom package because every layer holds frozen networks (the metrics too).
 """
 
 from __future__ import annotations
@@ -33,3 +35,15 @@ class Frozen(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.net(*args, **kwargs)
+
+
+def hold_frozen(owner: nn.Module, name: str, net: nn.Module) -> nn.Module:
+    """``owner.<name>`` is ``net``, frozen and held by a :class:`Frozen` child (``owner.frozen_<name>``).
+
+    For classes whose code reads the network under a fixed attribute name (e.g. torchmetrics'
+    ``CLIPScore.model``); everything else holds a ``Frozen`` directly.
+    """
+    owner._modules.pop(name, None)
+    setattr(owner, f"frozen_{name}", Frozen(net))
+    object.__setattr__(owner, name, net)  # a plain attribute: the Frozen child is what the module tree sees
+    return net
