@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+TRAIN = [sys.executable, "train.py"]
+DATA = ["--config", "configs/tiny/data.yaml"]  # the overlays every tiny command composes (see each config's first line)
+LOGGING = ["--config", "configs/tiny/logging.yaml"]
 
 
 @dataclass
@@ -35,17 +38,17 @@ class Stage:
 STAGES = [
     Stage("data", [sys.executable, "-m", "datamodules.synthetic", "--out", "data/synthetic", "--stories", "400", "--seed", "0"],
           "data/synthetic/test.jsonl"),
-    Stage("evaluator", [sys.executable, "train.py", "fit", "--config", "configs/tiny/evaluator.yaml"],
+    Stage("evaluator", [*TRAIN, "fit", *DATA, "--config", "configs/tiny/evaluator.yaml"],
           "runs/tiny_evaluator/export/export.json", "runs/tiny_evaluator"),
-    Stage("stage1", [sys.executable, "train.py", "fit", "--config", "configs/tiny/stage1_detokenizer.yaml"],
+    Stage("stage1", [*TRAIN, "fit", *DATA, *LOGGING, "--config", "configs/tiny/stage1_detokenizer.yaml"],
           "runs/tiny_stage1/export/export.json", "runs/tiny_stage1"),
-    Stage("stage2", [sys.executable, "train.py", "fit", "--config", "configs/tiny/stage2_mllm.yaml"],
+    Stage("stage2", [*TRAIN, "fit", *DATA, *LOGGING, "--config", "configs/tiny/stage2_mllm.yaml"],
           "runs/tiny_stage2/export/export.json", "runs/tiny_stage2"),
-    Stage("stage3", [sys.executable, "train.py", "fit", "--config", "configs/tiny/stage3_adaptation.yaml"],
+    Stage("stage3", [*TRAIN, "fit", *DATA, *LOGGING, "--config", "configs/tiny/stage3_adaptation.yaml"],
           "runs/tiny_stage3/export/export.json", "runs/tiny_stage3"),
-    Stage("stories", [sys.executable, "train.py", "predict", "--config", "configs/tiny/generate.yaml"],
+    Stage("stories", [*TRAIN, "predict", *DATA, "--config", "configs/tiny/generate.yaml"],
           "runs/tiny_stories/story_*/storyboard.html"),
-    Stage("metrics", [sys.executable, "train.py", "test", "--config", "configs/tiny/generate.yaml"],
+    Stage("metrics", [*TRAIN, "test", *DATA, "--config", "configs/tiny/generate.yaml"],
           "runs/tiny_stories/metrics.json"),
 ]
 
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = ROOT / "runs/tiny_stories/metrics.json"
     print("\nwhere things are:")
     print(f"  storyboards      {ROOT / 'runs/tiny_stories'}/story_*/storyboard.html")
-    print(f"  checkpoints      {ROOT / 'runs'}/tiny_*/checkpoints/  (resume: train.py fit --config ... --ckpt_path last)")
+    print(f"  checkpoints      {ROOT / 'runs'}/tiny_*/checkpoints/  (resume: the stage's command + --ckpt_path last)")
     print(f"  exports          {ROOT / 'runs'}/tiny_*/export/")
     print(f"  metrics.json     {metrics}")
     retention = ROOT / "runs/tiny_stories/retention.json"

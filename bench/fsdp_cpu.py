@@ -18,13 +18,17 @@ from pathlib import Path
 
 from datamodules import synthetic
 from datamodules.tokenizer import make_tiny_tokenizer
+from tools.cli import config_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(world: Path, tokenizer: Path, out: Path, processes: int, steps: int, batch: int) -> list[dict]:
     out.mkdir(parents=True)
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/tiny/stage2_mllm.yaml",
+    command = config_command(ROOT / "configs/tiny/stage2_mllm.yaml")  # fit, its overlays, the config
+    if processes == 2:
+        command += ["--config", "configs/trainer/fsdp_cpu.yaml"]
+    cmd = [sys.executable, "train.py", *command,
            f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'val.jsonl'}",
            f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
            "--data.init_args.synthetic=null", f"--data.init_args.batch_size={batch // processes}",
@@ -32,8 +36,6 @@ def run(world: Path, tokenizer: Path, out: Path, processes: int, steps: int, bat
            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
            "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--trainer.default_root_dir={out}",
            f"--trainer.callbacks+={{'class_path': 'callbacks.memory.MemoryReportCallback', 'init_args': {{'out_dir': '{out}'}}}}"]
-    if processes == 2:
-        cmd[5:5] = ["--config", "configs/trainer/fsdp_cpu.yaml"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return [json.loads(p.read_text()) for p in sorted(out.glob("memory_rank*.json"))]
 

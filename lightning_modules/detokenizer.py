@@ -1,19 +1,10 @@
 """Stage 1: the de-tokenizer. Frozen ViT features of a frame -> SD-XL-style UNet that redraws it.
 
-Orchestration only: the vision encoder, adapter, UNet/codec builders, sampler and EMA live in
-:mod:`lightning_modules.components`; metrics in :mod:`evaluation.reconstruction`.
-
-Tiny default (CPU minutes): a seeded random CLIP tower (64 px, patch 8 -> 64 tokens x 128), a small
-perceiver adapter, a small SD-XL-shaped UNet (``addition_embed_type="text_time"``) diffusing 64x64
-*pixels* (no VAE, see :class:`~lightning_modules.components.codecs.PixelCodec`). Minutes of
-training are enough for the UNet to denoise but not to learn, through cross-attention, where each
-feature token belongs; the tiny config therefore keeps the token grid in the resampler, lays the
-tokens out as a spatial map on the UNet input (``adapter.spatial_channels``, the largest gain:
-PSNR 15.5 -> 20.5 dB at 1,000 steps), pools with a linear map of all tokens, appends position maps
-to the UNet input (``position_channels``) and trains a share of the timesteps at near-pure noise
-(``noise.high_noise_fraction``).
-Real scale (``configs/seed_story/stage1_detokenizer.yaml``): SD-XL base UNet + VAE from a local
-folder, 256x4096 ViT features, the published adapter, resampler + to_k/to_v trained.
+Orchestration only: the vision encoder, adapter, UNet, codecs, noise, sampler and EMA live in
+:mod:`lightning_modules.components`; metrics in :mod:`evaluation.reconstruction`. Real scale:
+SD-XL base UNet + VAE from a local folder, the published adapter, resampler + ``to_k``/``to_v``
+trained. The tiny default (a random CLIP tower, a small UNet diffusing 64 px pixels folded 4x4)
+and why each of its options is there: ``configs/tiny/stage1_detokenizer.yaml`` and the README.
 """
 
 from __future__ import annotations
@@ -44,17 +35,18 @@ from lightning_modules.components.noise import (
     draw_training_noise,
     noise_keys,
 )
-from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.sampling import sample_latents, unet_input
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sdxl_adapter import (
     SDXLAdapter,
     SDXLAdapterConfig,
     SDXLConditioning,
+    adapter_config_from_dict,
     condition_dropout,
     sdxl_time_ids,
 )
 from lightning_modules.components.sharding import FSDPSettings
+from lightning_modules.components.storyboard import comparison_grid
 from lightning_modules.components.unet import TrainUNet, UNetSpec, build_unet, merged_unet_copy, select_trainable
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
@@ -68,7 +60,7 @@ class DetokenizerModule(L.LightningModule):
 
     Args:
         vision_encoder: the frozen tower (kept out of checkpoints and optimizers).
-        adapter: perceiver resampler + SD-XL heads (always trained).
+        adapter: perceiver resampler + SD-XL heads (always trained); its input width is the encoder's.
         unet: where the UNet comes from (local weights, architecture config, or ``meta_init``).
         vae_path: local diffusers folder with a ``vae`` subfolder; ``None`` diffuses pixels.
         pixel_patch: without a VAE, pixels are folded ``p x p`` into channels (lossless) so the
@@ -116,7 +108,9 @@ class DetokenizerModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.vision_config = vision_encoder or VisionEncoderConfig()
-        self.adapter_config = adapter
+        self.vision_encoder = FrozenVisionEncoder(self.vision_config)
+        # the resampler reads the encoder's tokens: its input width is the encoder's, never written twice
+        self.adapter_config = dataclasses.replace(adapter, resampler=dataclasses.replace(adapter.resampler, input_dim=self.vision_encoder.dim))
         self.unet_spec = unet
         self.noise_spec = noise or NoiseSpec()
         self.vae_path = vae_path
@@ -136,9 +130,7 @@ class DetokenizerModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
-        self.vision_encoder = FrozenVisionEncoder(self.vision_config)
         self.story_format = StoryFormat(None, self.vision_encoder.image_size)  # frames only: the ViT view's size
-        self._check_adapter_input()
         self.adapter = SDXLAdapter(self.adapter_config)
         self.noise_scheduler = build_noise_scheduler(self.noise_spec)
         self.unet: torch.nn.Module | None = None  # built in configure_model (large at real scale)
@@ -148,11 +140,6 @@ class DetokenizerModule(L.LightningModule):
         self.last_reconstructions: torch.Tensor | None = None  # (3, H, W) grid in [0, 1]: originals over reconstructions
         self._val_seen = 0
         self._ema_ctx = contextlib.ExitStack()
-
-    def _check_adapter_input(self) -> None:
-        want, have = self.adapter_config.resampler.input_dim, self.vision_config
-        if have.backend != "hf" and want != self.vision_encoder.dim:
-            raise ValueError(f"adapter.resampler.input_dim={want} but the vision encoder gives {self.vision_encoder.dim}-d tokens")
 
     # -- building ------------------------------------------------------------------------
 
@@ -290,7 +277,7 @@ class DetokenizerModule(L.LightningModule):
         scores = self.val_metrics.compute()
         self.val_metrics.reset()
         self.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=True)
-        self.last_reconstructions = _grid(self._val_grid)
+        self.last_reconstructions = comparison_grid(self._val_grid)
 
     # -- sampling ------------------------------------------------------------------------
 
@@ -389,46 +376,23 @@ class DetokenizerModule(L.LightningModule):
         log.info("exported the de-tokenizer to %s", directory)
         return Path(directory)
 
-    @classmethod
-    def load_detokenizer(cls, directory: str | Path, **overrides: Any) -> DetokenizerModule:
-        """Rebuild a de-tokenizer saved by :meth:`save_detokenizer` (frozen UNet; override e.g. ``train_unet``)."""
-        spec = read_export(directory, EXPORT_KIND)
-        kwargs: dict[str, Any] = dict(
-            vision_encoder=VisionEncoderConfig(**spec["vision_encoder"]),
-            adapter=adapter_config_from_dict(spec["adapter"]),
-            unet=UNetSpec(path=str(directory), subfolder="unet"),
-            vae_path=spec["vae_path"],
-            pixel_patch=spec["pixel_patch"],
-            position_channels=spec["position_channels"],
-            noise=NoiseSpec(**spec["noise"]),
-            train_unet="none",
-            num_inference_steps=spec["sampling"]["num_inference_steps"],
-            guidance_scale=spec["sampling"]["guidance_scale"],
-        )
-        kwargs.update(overrides)
-        module = cls(**kwargs)
-        module.configure_model()
-        module.adapter.load_state_dict(load_tensors(directory, ADAPTER_FILE))
-        return module
-
 
 def load_detokenizer(directory: str | Path, **overrides: Any) -> DetokenizerModule:
-    """Functional alias of :meth:`DetokenizerModule.load_detokenizer` (stage 3 starts from it)."""
-    return DetokenizerModule.load_detokenizer(directory, **overrides)
-
-
-def adapter_config_from_dict(data: dict[str, Any]) -> SDXLAdapterConfig:
-    data = dict(data)
-    data["resampler"] = PerceiverConfig(**data["resampler"])
-    data["proj_dims"] = tuple(data["proj_dims"])
-    return SDXLAdapterConfig(**data)
-
-
-def _grid(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Originals on the top row, reconstructions below, in [0, 1]."""
-    from torchvision.utils import make_grid
-
-    target = torch.cat([p[0] for p in pairs])
-    recon = torch.cat([p[1] for p in pairs])
-    images = torch.cat([target, recon]).float().add(1).div(2).clamp(0, 1)
-    return make_grid(images, nrow=target.shape[0], padding=1)
+    """Rebuild a de-tokenizer from its export (frozen UNet; override e.g. ``train_unet``): stage 3 and generation start here."""
+    spec = read_export(directory, EXPORT_KIND)
+    kwargs: dict[str, Any] = dict(
+        vision_encoder=VisionEncoderConfig(**spec["vision_encoder"]),
+        adapter=adapter_config_from_dict(spec["adapter"]),
+        unet=UNetSpec(path=str(directory), subfolder="unet"),
+        vae_path=spec["vae_path"],
+        pixel_patch=spec["pixel_patch"],
+        position_channels=spec["position_channels"],
+        noise=NoiseSpec(**spec["noise"]),
+        train_unet="none",
+        num_inference_steps=spec["sampling"]["num_inference_steps"],
+        guidance_scale=spec["sampling"]["guidance_scale"],
+    )
+    module = DetokenizerModule(**(kwargs | overrides))
+    module.configure_model()
+    module.adapter.load_state_dict(load_tensors(directory, ADAPTER_FILE))
+    return module

@@ -78,6 +78,7 @@ class StoryGenerationModule(L.LightningModule):
         self.frozen_parts: Frozen | None = None
         self.story_metrics: StoryMetrics | None = None
         self._retention: StartCastRetention | None = None  # during predict, when evaluator_dir is given
+        self.labeller: Frozen | None = None  # the evaluator that labels predicted frames
         self.stories_written: list[Path] = []
 
     def configure_model(self) -> None:
@@ -109,7 +110,7 @@ class StoryGenerationModule(L.LightningModule):
         """With ``evaluator_dir``, label every frame of every story to measure what it keeps of its start."""
         self._retention = None
         if self.evaluator_dir and Path(self.evaluator_dir).is_dir():
-            self._label_model = load_evaluator(self.evaluator_dir, self.device)
+            self.labeller = Frozen(load_evaluator(self.evaluator_dir, self.device))
             self._retention = StartCastRetention(self.start_frames + self.generation.steps).to(self.device)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
@@ -133,7 +134,7 @@ class StoryGenerationModule(L.LightningModule):
         images = [s.image for s in story.steps]
         if any(image is None for image in images):
             return []
-        characters, backgrounds = self._label_model.predict_labels(torch.stack(images).to(self.device).float())
+        characters, backgrounds = self.labeller.net.predict_labels(torch.stack(images).to(self.device).float())
         truth = batch["characters"][row]
         if truth is not None and batch["background"][row] is not None:
             self._retention.update(characters, backgrounds, truth[0], batch["background"][row])

@@ -30,7 +30,7 @@ from datamodules.exports import load_tensors, prefixed, read_export, save_tensor
 from datamodules.sequence import IGNORE_INDEX, StorySequence
 from datamodules.story_format import StoryFormat, StoryFormatConfig
 from lightning_modules.components import sharding, story_llm
-from lightning_modules.components.noise import noise_keys
+from lightning_modules.components.context_blur import blur_toward_story_mean
 from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sharding import FSDPSettings
@@ -292,25 +292,6 @@ class StoryMLLMModule(L.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """peft adapter (or full LLM), resamplers as safetensors, tokenizer and ``export.json``."""
         return save_mllm(self, directory)
-
-
-def blur_toward_story_mean(features: torch.Tensor, feature_index: torch.Tensor, story_ids: list[str],
-                           frame_index: torch.Tensor, max_share: float, seed: int) -> torch.Tensor:
-    """``features`` rows pulled toward the mean of their story chunk by a share in ``[0, max_share]``.
-
-    The share of each frame is keyed by (seed, story, frame), so it does not depend on how the
-    batch was split across processes.
-    """
-    out = features.clone()
-    for b, story in enumerate(story_ids):
-        frames = (feature_index[b] >= 0).nonzero().flatten()
-        rows = feature_index[b, frames]
-        mean = features[rows].mean(0, keepdim=True)
-        keys = noise_keys(seed, 0, [(story, frame_index[b, f]) for f in frames])
-        share = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(key)) for key in keys]) * max_share
-        share = share.to(features.device, features.dtype)[:, None, None]
-        out[rows] = features[rows] * (1 - share) + mean * share
-    return out
 
 
 # -- export ----------------------------------------------------------------------------------

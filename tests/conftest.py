@@ -38,6 +38,20 @@ def data_args(world: Path, **overrides) -> dict:
     return args
 
 
+def config_command(path: str) -> list[str]:
+    """The subcommand and ``--config`` arguments of a config's first line (its whole command,
+    overlays included), e.g. ``["fit", "--config", "configs/tiny/data.yaml", ..., "--config", path]``:
+    tests run a config exactly as its users do, then add their overrides."""
+    from tools.cli import config_command as command
+
+    return command(path)
+
+
+def config_files(path: str) -> list[str]:
+    """The config files a config's command composes, in order (for ``tools.consolidate``)."""
+    return config_command(path)[2::2]
+
+
 def tiny_init_args(config: str) -> dict:
     """The model ``init_args`` of a tiny config as written: tests shrink the real tiny architecture
     instead of keeping constants of their own."""
@@ -51,12 +65,24 @@ def tiny_detokenizer_args() -> dict:
     import yaml
 
     from lightning_modules.components.noise import NoiseSpec
+    from lightning_modules.components.sdxl_adapter import adapter_config_from_dict
     from lightning_modules.components.unet import UNetSpec
     from lightning_modules.components.vision_encoder import VisionEncoderConfig
-    from lightning_modules.detokenizer import adapter_config_from_dict
 
     args = tiny_init_args("configs/tiny/stage1_detokenizer.yaml")
     vision = yaml.safe_load(Path("configs/tiny").joinpath(args["vision_encoder"]).read_text())
     return dict(vision_encoder=VisionEncoderConfig(**vision), adapter=adapter_config_from_dict(args["adapter"]),
                 unet=UNetSpec(config=args["unet"]["config"]), noise=NoiseSpec(**args["noise"]),
                 pixel_patch=args["pixel_patch"], position_channels=args["position_channels"])
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run wherever CUDA is present and are skipped, with the reason, everywhere else."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

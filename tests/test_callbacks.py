@@ -11,6 +11,7 @@ from callbacks.loggers import StoryWandbLogger
 from callbacks.sample_stories import SampleStoryCallback
 from callbacks.story_evaluation import StoryMetricsCallback
 from evaluation.evaluator import StoryEvaluator, save_evaluator, tiny_clip_config, train_caption_word_tokenizer
+from tests.conftest import config_command
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
 from tools.cli import cli_main
@@ -66,7 +67,7 @@ def test_stage3_run_logs_stories_and_metrics_to_offline_wandb(tiny_world, export
     logger = StoryWandbLogger(save_dir=str(tmp_path), project="test", offline=True)
     callbacks = [SampleStoryCallback(num_stories=1, steps=2), StoryMetricsCallback(str(evaluator_dir), num_stories=2, steps=2)]
     cli = cli_main([
-        "--config", "configs/tiny/stage3_adaptation.yaml",
+        *config_command("configs/tiny/stage3_adaptation.yaml")[1:],
         f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
         "--model.init_args.generation.num_inference_steps=2", "--model.init_args.val_images=2",
         f"--model.init_args.export_dir={tmp_path / 'export'}",
@@ -107,7 +108,7 @@ def _validate_with_callbacks(world, exports, evaluator_dir, out, extra):  # noqa
     metrics_cb = {"class_path": "callbacks.story_evaluation.StoryMetricsCallback",
                   "init_args": {"evaluator_dir": str(evaluator_dir), "num_stories": 3, "steps": 2}}
     samples_cb = {"class_path": "callbacks.sample_stories.SampleStoryCallback", "init_args": {"num_stories": 1, "steps": 2}}
-    cmd = [sys.executable, "train.py", "validate", "--config", "configs/tiny/stage3_adaptation.yaml", *extra,
+    cmd = [sys.executable, "train.py", "validate", *config_command("configs/tiny/stage3_adaptation.yaml")[1:], *extra,
            f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
            "--model.init_args.generation.num_inference_steps=2", "--model.init_args.val_images=0",
            "--model.init_args.evaluator_dir=null",

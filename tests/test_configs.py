@@ -1,15 +1,32 @@
-"""Every YAML under configs/ parses through train.py (a typo fails here, not after hours)."""
+"""Every YAML under configs/ parses through train.py with exactly the command of its first line (a
+typo fails here, not after hours); overlays are shared, and every value is written once."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import config_command, config_files
 from tools.cli import cli_main
 
 YAMLS = sorted(p for p in Path("configs").rglob("*.yaml") if p.parent.name in ("tiny", "seed_story"))
 CONFIGS = [p for p in YAMLS if p.read_text().startswith("# python train.py ")]
-PARTS = [p for p in YAMLS if p not in CONFIGS]  # shared pieces (e.g. the visual tokenizer)
+# composed by the configs' commands (configs/tiny/data.yaml, ...)
+OVERLAYS = sorted({Path(f) for c in CONFIGS for f in config_files(str(c))} - set(CONFIGS))
+PARTS = [p for p in YAMLS if p not in CONFIGS and p not in OVERLAYS]  # named inside configs (e.g. the visual tokenizer)
+
+
+def _composers(overlay: Path) -> list[Path]:
+    return [c for c in CONFIGS if overlay in [Path(f) for f in config_files(str(c))]]
+
+
+def _leaves(tree, prefix: tuple = ()):
+    """(key path, value) of every leaf of a YAML mapping (a list is one value)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, (*prefix, key))
+    else:
+        yield prefix, tree
 
 
 def test_there_are_configs_and_every_shared_part_is_used():
@@ -19,23 +36,94 @@ def test_there_are_configs_and_every_shared_part_is_used():
         assert len(users) >= 2, f"{part} is shared by fewer than two configs"
 
 
+def test_commands_compose_existing_overlays_then_the_config_itself():
+    for config in CONFIGS:
+        files = [Path(f) for f in config_files(str(config))]
+        assert files[-1] == config, f"{config}: its command must name it last"
+        assert all(f.is_file() for f in files), f"{config}: {files}"
+    assert {o.parent.name for o in OVERLAYS} == {"tiny", "seed_story"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=str)
+def test_every_overlay_is_shared_and_no_composer_repeats_its_values(overlay):
+    assert overlay.read_text().startswith("#"), f"{overlay}: start with a comment saying what it is and who composes it"
+    users = _composers(overlay)
+    assert len(users) >= 2, f"{overlay} is composed by fewer than two configs"
+    # class_path is the exception: a config names its data class so that it still parses alone
+    shared = {key: value for key, value in _leaves(yaml.safe_load(overlay.read_text())) if key[-1] != "class_path"}
+    for config in users:
+        written = dict(_leaves(yaml.safe_load(config.read_text())))
+        repeated = [".".join(key) for key, value in shared.items() if key in written and written[key] == value]
+        assert not repeated, f"{config} writes again what {overlay} holds: {repeated}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=str)
+def test_the_run_root_is_written_once(path):
+    text = path.read_text()
+    root = yaml.safe_load(text)["trainer"]["default_root_dir"]
+    assert text.count(root) == 1, f"{path}: write {root} once (trainer.default_root_dir), then ${{trainer.default_root_dir}}"
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=str)
 def test_print_config(path, capsys):
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# python train.py "), "every config starts with its command"
-    subcommand = first_line.split()[3]
+    subcommand, *configs = config_command(str(path))
     with pytest.raises(SystemExit) as exit_info:
-        cli_main([subcommand, "--print_config", "--config", str(path)])
+        cli_main([subcommand, "--print_config", *configs])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] and printed["data"]["class_path"]
+    assert printed["data"]["init_args"]["image_root"] and printed["data"]["init_args"]["test_files"]  # from the overlay
+    root, model = printed["trainer"]["default_root_dir"], printed["model"]["init_args"]
+    assert model.get("export_dir", f"{root}/export") == f"{root}/export"  # interpolated from the root
+    assert model.get("output_dir", root) == root
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=str)
+def test_a_config_alone_still_parses(path, capsys):
+    subcommand = config_command(str(path))[0]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([subcommand, "--print_config", "--config", str(path)])
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["class_path"]
+
+
+def _named_configs(words: list[str]) -> list[str]:
+    return [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--config"]
+
+
+def test_quickstart_and_readme_run_every_config_with_its_command():
+    import re
+
+    import quickstart
+
+    commands = [s.command[s.command.index("train.py") + 1:] for s in quickstart.STAGES if "train.py" in s.command]
+    commands += [line.split() for line in re.findall(r"python train\.py [^`#\n]*", Path("README.md").read_text())]
+    checked = 0
+    for words in commands:
+        named = _named_configs(words)
+        stage = [c for c in named if Path(c) in CONFIGS]
+        if stage:  # the config's own command, then e.g. a configs/trainer/ file
+            assert named[:len(config_files(stage[0]))] == config_files(stage[0]), " ".join(words)
+            checked += 1
+    assert checked >= 10
+
+
+def test_loggers_without_a_folder_log_under_the_run_root(tmp_path):
+    cli = cli_main([*config_command("configs/tiny/stage1_detokenizer.yaml")[1:], f"--trainer.default_root_dir={tmp_path}",
+                    "--trainer.accelerator=cpu"], run=False)
+    csv, wandb = cli.trainer.loggers
+    assert csv.log_dir == str(tmp_path / "lightning_logs" / "version_0")
+    assert wandb.save_dir == str(tmp_path) and wandb._wandb_init["name"] == tmp_path.name
+    assert wandb._wandb_init["project"] == "seed-story-tiny"
 
 
 @pytest.mark.parametrize("trainer", sorted(Path("configs/trainer").glob("*.yaml")), ids=str)
 def test_trainer_configs_compose_with_a_stage(trainer, capsys):
     assert trainer.read_text().startswith("#")
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--print_config", "--config", "configs/tiny/stage2_mllm.yaml", "--config", str(trainer)])
+        cli_main(["fit", "--print_config", *config_command("configs/tiny/stage2_mllm.yaml")[1:], "--config", str(trainer)])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     strategy = printed["trainer"]["strategy"]["class_path"]

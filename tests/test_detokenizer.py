@@ -16,7 +16,7 @@ from lightning_modules.components.sdxl_adapter import SDXLAdapterConfig
 from lightning_modules.components.unet import UNetSpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
 from lightning_modules.detokenizer import DetokenizerModule, load_detokenizer
-from tests.conftest import tiny_detokenizer_args, tiny_init_args
+from tests.conftest import config_command, tiny_detokenizer_args, tiny_init_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny" / "stage1_detokenizer.yaml"
@@ -64,8 +64,7 @@ def fake_batch(n: int = 2, vit: int = 32, size: int = 64) -> dict:
 
 def cli_args(world: Path, root: Path, *extra: str) -> list[str]:
     return [
-        "fit",
-        f"--config={TINY_CONFIG}",
+        *config_command(str(TINY_CONFIG)),
         f"--data.init_args.train_files={world / 'train.jsonl'}",
         f"--data.init_args.val_files={world / 'val.jsonl'}",
         f"--data.init_args.test_files={world / 'test.jsonl'}",
@@ -225,7 +224,7 @@ def test_real_config_instantiates_on_meta_device():
 
     cli = cli_main(
         [
-            f"--config={REAL_CONFIG}",
+            *config_command(str(REAL_CONFIG))[1:],
             "--model.init_args.unet.meta_init=true",
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",

@@ -17,7 +17,7 @@ from datamodules.storystream import StoryStreamDataModule
 from evaluation.evaluator import clip_score_model, load_evaluator, make_evaluator_tokenizer, save_evaluator
 from evaluation.story_metrics import to_uint8
 from lightning_modules.evaluator import EvaluatorModule
-from tests.conftest import data_args
+from tests.conftest import config_command, data_args
 from tools.cli import cli_main
 
 SMALL = dict(image_size=32, patch_size=8, vision_width=32, vision_layers=1, text_width=32, text_layers=1,
@@ -108,8 +108,7 @@ def test_fast_dev_run_of_the_tiny_config(tiny_world, tmp_path):
     export = tmp_path / "export"
     cli = cli_main(
         [
-            "fit",
-            "--config", "configs/tiny/evaluator.yaml",
+            *config_command("configs/tiny/evaluator.yaml"),
             "--data.init_args.train_files", str(tiny_world / "train.jsonl"),
             "--data.init_args.val_files", str(tiny_world / "val.jsonl"),
             "--data.init_args.test_files", str(tiny_world / "test.jsonl"),

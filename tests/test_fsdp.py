@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.tokenizer import make_tiny_tokenizer
+from tests.conftest import config_command, config_files
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
 from tools.consolidate import consolidate, read_checkpoint
@@ -25,7 +26,7 @@ def _data(world: Path) -> list[str]:
 
 def _fit(out: Path, config: str, extra: list[str], check: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "train.py", "fit", "--config", config, *extra,
+    cmd = [sys.executable, "train.py", *config_command(config), *extra,
            f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
            f"--trainer.logger={{'class_path': 'lightning.pytorch.loggers.CSVLogger', 'init_args': {{'save_dir': '{out}'}}}}",
            f"--trainer.callbacks+={{'class_path': 'callbacks.memory.MemoryReportCallback', 'init_args': {{'out_dir': '{out}'}}}}",
@@ -84,7 +85,7 @@ def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tmp
     # the sharded last checkpoint consolidates into stage 2's export, which reloads with the trained weights
     sharded = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
     assert sharded.is_dir()
-    export = consolidate(["configs/tiny/stage2_mllm.yaml"], sharded, tmp_path / "export",
+    export = consolidate(config_files("configs/tiny/stage2_mllm.yaml"), sharded, tmp_path / "export",
                          [f"--model.init_args.story_format.tokenizer={tokenizer}", *_data(tiny_world)])
     from lightning_modules.story_mllm import load_mllm
 
@@ -173,7 +174,7 @@ def test_fsdp_run_killed_resumes_from_last_exactly_and_consolidates(tiny_world, 
         for got, want in zip(trajectory, reference):
             assert abs(got["loss"] - want["loss"]) < 1e-4 * max(1.0, abs(want["loss"])), (trajectory, reference)
     # both final sharded checkpoints consolidate into stage 1's export; diffusers loads the UNet
-    folders = [consolidate([config, FSDP_CPU], tmp_path / run_name / "checkpoints" / "last.ckpt", tmp_path / f"{run_name}_export",
+    folders = [consolidate([*config_files(config), FSDP_CPU], tmp_path / run_name / "checkpoints" / "last.ckpt", tmp_path / f"{run_name}_export",
                            _data(tiny_world)) for run_name in ("whole", "crash")]
     from diffusers import UNet2DConditionModel
 

@@ -7,6 +7,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.conftest import config_command
 from tests.test_callbacks import evaluator_dir  # noqa: F401  (fixture)
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
@@ -20,7 +21,7 @@ def test_inspect_story_notebook_executes_and_shows_images(tiny_world, exports, e
     shutil.copytree(exports / "stage1", root / "tiny_stage1" / "export")
     shutil.copytree(exports / "stage2", root / "tiny_stage2" / "export")
     common = [
-        "--config", "configs/tiny/generate.yaml",
+        *config_command("configs/tiny/generate.yaml")[1:],
         f"--model.init_args.detokenizer_dir={root / 'tiny_stage1' / 'export'}", f"--model.init_args.mllm_dir={root / 'tiny_stage2' / 'export'}",
         f"--model.init_args.output_dir={root / 'tiny_stories'}", f"--model.init_args.evaluator_dir={evaluator_dir}",
         "--model.init_args.generation.steps=3", "--model.init_args.generation.num_inference_steps=2", "--model.init_args.test_steps=2",

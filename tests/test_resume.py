@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from callbacks.resilience import NonFiniteGuard
+from tests.conftest import config_command
 from tests.helpers import PixelMeanProbe
 
 
 def _fit(world, out, extra):
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/tiny/stage1_detokenizer.yaml",
+    cmd = [sys.executable, "train.py", *config_command("configs/tiny/stage1_detokenizer.yaml"),
            f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'val.jsonl'}",
            f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
            "--data.init_args.synthetic=null", "--data.init_args.batch_size=4", "--data.init_args.image_size=64",

@@ -14,7 +14,7 @@ from lightning_modules.components.unet import UNetSpec
 from lightning_modules.detokenizer import DetokenizerModule
 from lightning_modules.detokenizer_adaptation import DetokenizerAdaptationModule
 from lightning_modules.story_mllm import save_mllm
-from tests.conftest import data_args
+from tests.conftest import config_command, data_args
 from tests.test_detokenizer import SMALL_UNET
 from tests.test_story_mllm import TINY_ENCODER, _module, tokenizer_dir  # noqa: F401  (fixture)
 from tools.cli import cli_main
@@ -117,7 +117,7 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
 
     evaluator = save_evaluator(random_evaluator(), tmp_path / "evaluator")
     cli_main([
-        "predict", "--config", "configs/tiny/generate.yaml",
+        *config_command("configs/tiny/generate.yaml"),
         f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
         f"--model.init_args.output_dir={tmp_path / 'stories'}", "--model.init_args.generation.steps=2",
         "--model.init_args.generation.num_inference_steps=2",

@@ -12,7 +12,7 @@ from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
 from lightning_modules.story_mllm import StoryMLLMModule, load_mllm, save_mllm
-from tests.conftest import data_args, tiny_init_args
+from tests.conftest import config_command, data_args, tiny_init_args
 from tools.cli import cli_main
 
 TINY_ENCODER = VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
@@ -45,7 +45,8 @@ def _batch(world, n=4, max_images=4, seed=0):
 
 
 def test_real_config_instantiates_on_meta():
-    cli = cli_main(["--config", "configs/seed_story/stage2_mllm.yaml", "--model.init_args.llm.meta_init=true", *CPU_TRAINER], run=False)
+    cli = cli_main([*config_command("configs/seed_story/stage2_mllm.yaml")[1:], "--model.init_args.llm.meta_init=true", *CPU_TRAINER],
+                   run=False)
     module = cli.model
     module.configure_model()
     base = module.base_llm
@@ -125,7 +126,7 @@ def test_fit_through_train_py_trains_the_tokenizer_and_exports_what_reloads(tiny
     """The data side trains the tiny tokenizer on the train split, batches arrive laid out, and the
     export rebuilds a module with the same teacher-forced outputs."""
     cli = cli_main([
-        "fit", "--config", "configs/tiny/stage2_mllm.yaml", "--trainer.fast_dev_run=2",
+        *config_command("configs/tiny/stage2_mllm.yaml"), "--trainer.fast_dev_run=2",
         f"--trainer.default_root_dir={tmp_path}",
         f"--data.init_args.train_files={tiny_world / 'train.jsonl'}", f"--data.init_args.val_files={tiny_world / 'val.jsonl'}",
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
@@ -174,7 +175,7 @@ def test_queries_from_previous_survive_export_and_see_the_previous_frame(tiny_wo
 
 
 def test_context_blur_pulls_read_frames_toward_their_story_mean_and_keeps_targets(tiny_world, tokenizer_dir):  # noqa: F811
-    from lightning_modules.story_mllm import blur_toward_story_mean
+    from lightning_modules.components.context_blur import blur_toward_story_mean
 
     batch = _batch(tiny_world, n=2, max_images=3)
     module = _module(tokenizer_dir, residual_features=True, context_blur=0.5)

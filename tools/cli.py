@@ -7,14 +7,27 @@ Checkpoints without an explicit ``dirpath`` go to ``<default_root_dir>/checkpoin
 ``last.ckpt``, so ``python train.py fit --config X --ckpt_path last`` resumes an interrupted run.
 The tools (``python -m tools.consolidate``, ``python -m tools.plan_memory``) build modules from
 the same configs through :func:`cli_main`.
+
+Configs compose: a stage config's first line is its whole command, overlays included (e.g.
+``# python train.py fit --config configs/tiny/data.yaml --config configs/tiny/logging.yaml
+--config configs/tiny/stage1_detokenizer.yaml``; :func:`config_command` reads it). A logger whose
+config leaves ``save_dir`` unset writes under ``trainer.default_root_dir``, and a W&B run without
+a ``name`` is named after that folder, so the run root is written once, in the stage config.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+from pathlib import Path
 from typing import Any
 
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.data_health import DataHealthCallback
 from callbacks.resilience import NonFiniteGuard, RNGStateCallback, resumable_checkpoints
@@ -25,13 +38,74 @@ def story_format_of(model: Any) -> Any:
     return getattr(model, "story_format", None)
 
 
+def config_command(path: str | Path) -> list[str]:
+    """The subcommand and ``--config`` arguments that a config's first line names, e.g.
+    ``["fit", "--config", "configs/tiny/data.yaml", ..., "--config", "configs/tiny/stage1_detokenizer.yaml"]``
+    for ``# python train.py fit --config configs/tiny/data.yaml ... --config configs/tiny/stage1_detokenizer.yaml``."""
+    words = Path(path).read_text().splitlines()[0].split()
+    command = words[3:]
+    configs = command[1:]
+    if words[:3] != ["#", "python", "train.py"] or not configs or len(configs) % 2 or set(configs[::2]) != {"--config"}:
+        raise ValueError(f"{path}: the first line must be its command, '# python train.py <subcommand> --config FILE ...'")
+    return command
+
+
+def config_files(path: str | Path) -> list[str]:
+    """The config files, in order, that a config's command composes (overlays first, the config itself last)."""
+    return config_command(path)[2::2]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def composed_yaml(path: str | Path) -> dict:
+    """A config as written, merged over the overlays its command composes (mappings key by key, later
+    files win; no defaults, interpolations left as written): what tools read without building the CLI."""
+    merged: dict = {}
+    for file in config_files(path):
+        merged = _merge(merged, yaml.safe_load(Path(file).read_text()) or {})
+    return merged
+
+
+def _class_of(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def fill_logger_dirs(trainer: Namespace) -> None:
+    """Give every configured logger whose ``save_dir`` is unset (None) the run's root
+    (``trainer.default_root_dir``, the current folder when that is unset, as the Trainer does), and
+    every W&B logger without a ``name`` that folder's name."""
+    root = str(trainer.get("default_root_dir") or os.getcwd())
+    loggers = trainer.get("logger")
+    for spec in loggers if isinstance(loggers, list) else [loggers]:
+        if not isinstance(spec, Namespace) or not spec.get("class_path"):
+            continue
+        cls = _class_of(spec.class_path)
+        if spec.get("init_args") is None:
+            spec.init_args = Namespace()
+        if "save_dir" in inspect.signature(cls).parameters and spec.init_args.get("save_dir") is None:
+            spec.init_args.save_dir = root
+        if issubclass(cls, WandbLogger) and spec.init_args.get("name") is None:
+            spec.init_args.name = Path(root).name
+
+
 class StoryCLI(LightningCLI):
     """LightningCLI with the project's fixed callbacks, resumable checkpoint folders, and the model's
     story format handed to the datamodule (its ViT view size, tokenizer and layout are written once,
-    in the model's config)."""
+    in the model's config); loggers without a ``save_dir`` log under ``trainer.default_root_dir``."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model", "data.init_args.story_format", compute_fn=story_format_of, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        # the parsed config of the current subcommand (the whole config when run=False); the config
+        # saved next to the logs is this one, so it shows the filled folders
+        fill_logger_dirs(self.config.get(str(self.subcommand), self.config).trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

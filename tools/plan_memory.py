@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from tools.cli import cli_main
+from tools.cli import cli_main, composed_yaml, config_command
 
 GB = 1024**3
 STAGES = {
@@ -121,11 +121,11 @@ def _count(module: nn.Module) -> tuple[int, int]:
 
 
 def _cli(config: str, extra: list[str]):
-    return cli_main(["--config", config, *extra, *CPU_TRAINER], run=False)
+    return cli_main([*config_command(config)[1:], *extra, *CPU_TRAINER], run=False)  # with its overlays
 
 
 def _data_shape(config: str) -> dict:
-    data = yaml.safe_load(Path(config).read_text())["data"]["init_args"]
+    data = composed_yaml(config)["data"]["init_args"]
     size = data.get("image_size", 64)
     return {"batch": data.get("batch_size", 1), "image": size if isinstance(size, int) else size[0],
             "frames": data.get("max_images", 1)}
@@ -164,7 +164,7 @@ def llm_part(config: str, frozen: bool = False) -> Part:
     if frozen:
         module.requires_grad_(False)
     base = module.base_llm
-    data = yaml.safe_load(Path(config).read_text())
+    data = composed_yaml(config)
     b = data["data"]["init_args"].get("batch_size", 1)
     seq = data["model"]["init_args"].get("max_length", 1280)
     width = base.config.hidden_size

@@ -149,3 +149,11 @@ class SDXLAdapter(nn.Module):
         side = math.isqrt(tokens.shape[1])
         grid = self.spatial(tokens).transpose(1, 2).unflatten(-1, (side, side))  # (B, C*s*s, g, g)
         return F.pixel_shuffle(grid, self.config.spatial_upscale)
+
+
+def adapter_config_from_dict(data: dict) -> SDXLAdapterConfig:
+    """An :class:`SDXLAdapterConfig` from its ``dataclasses.asdict`` form (as exports store it)."""
+    data = dict(data)
+    data["resampler"] = PerceiverConfig(**data["resampler"])
+    data["proj_dims"] = tuple(data["proj_dims"])
+    return SDXLAdapterConfig(**data)

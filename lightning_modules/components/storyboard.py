@@ -82,3 +82,13 @@ def story_strip(captions: list[str], images: list[torch.Tensor | Image.Image | N
         draw.text((x + 2, y + h + 1), words[:caption_chars], fill=(0, 0, 0))
         draw.text((x + 2, y + h + 13), words[caption_chars:], fill=(0, 0, 0))
     return sheet
+
+
+def comparison_grid(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """(originals, reconstructions) batches in [-1, 1] -> one (3, H, W) grid in [0, 1]: originals on top."""
+    from torchvision.utils import make_grid
+
+    target = torch.cat([p[0] for p in pairs])
+    recon = torch.cat([p[1] for p in pairs])
+    images = torch.cat([target, recon]).float().add(1).div(2).clamp(0, 1)
+    return make_grid(images, nrow=target.shape[0], padding=1)
