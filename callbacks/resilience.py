@@ -1,10 +1,13 @@
-"""Callbacks that make long runs survive: exact RNG resume and a guard against non-finite losses."""
+"""What makes long runs survive: exact RNG resume, a guard against non-finite losses, checkpoint
+folders that ``--ckpt_path last`` finds, and a damaged checkpoint named with what to do."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 import random
+import zipfile
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -126,3 +129,38 @@ def resumable_checkpoints(trainer: L.Trainer) -> None:
             callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
             if callback.save_last is None:
                 callback.save_last = True
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (truncated by a crash or a full disk, or corrupted)."""
+
+
+def earlier_checkpoints(path: Path) -> list[Path]:
+    """The other checkpoints beside ``path`` (files or sharded folders), newest first."""
+    siblings = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve() and not p.name.endswith(".partial")]
+    return sorted(siblings, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def damaged_checkpoint_message(path: str | Path, err: BaseException) -> str:
+    path = Path(path)
+    others = earlier_checkpoints(path) if path.parent.is_dir() else []
+    fix = (f"resume from an earlier one with --ckpt_path {others[0]}" + (f" (also there: {', '.join(p.name for p in others[1:4])})" if others[1:] else "")
+           if others else "no other checkpoint is beside it: start the run again without --ckpt_path")
+    return f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is truncated or damaged (a crash or a full disk while it was written?): {fix}"
+
+
+def guard_checkpoint_loading(trainer: L.Trainer) -> None:
+    """A checkpoint that cannot be read fails with a message naming it and an earlier checkpoint to
+    resume from, whatever the strategy (single file or sharded folder)."""
+    strategy = trainer.strategy
+    load = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load(checkpoint_path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            raise DamagedCheckpointError(damaged_checkpoint_message(checkpoint_path, err)) from err
+
+    strategy.load_checkpoint = load_checkpoint

@@ -4,14 +4,17 @@ An export folder is what the next stage (or generation) starts from, and what
 ``python -m tools.consolidate`` writes from a checkpoint. Every stage writes it through
 :func:`writing_export` and reads it through :func:`read_export` / :func:`load_tensors`:
 
-- ``export.json``: ``{"format": "seed-story-lightning", "version": 2, "kind": ..., "config": {...}}``,
-  everything but weights needed to rebuild the classes that wrote it;
+- ``export.json``: ``{"format": "seed-story-lightning", "version": 3, "kind": ..., "config": {...},
+  "files": {relative path: bytes}}``, everything but weights needed to rebuild the classes that
+  wrote it, and the size of every file written, so that a missing or truncated file is named
+  when the export is read (version 2, without ``files``, still reads);
 - named safetensors files of the parts this project defines (adapters, resamplers, heads);
 - standard folders of library models as their libraries save them (a diffusers ``unet/``, a
   transformers ``llm/`` or peft ``llm_adapter/``, a ``tokenizer/``).
 
 The folder is written under a temporary name beside its destination and renamed into place only
-when complete, so a crash or a full disk while exporting leaves the previous export whole.
+when complete, so a crash or a full disk while exporting leaves the previous export whole. A
+damaged export fails when read, naming the file and what to do.
 
 It sits in the bottom package because every layer reads exports (the metrics read the evaluator's).
 """
@@ -31,7 +34,9 @@ from safetensors.torch import load_file, save_file
 
 EXPORT_FILE = "export.json"
 FORMAT_NAME = "seed-story-lightning"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: the same layout without the file list
+REEXPORT = "export it again (its stage's export_dir) or `python -m tools.consolidate` it from a checkpoint"
 
 
 @contextlib.contextmanager
@@ -42,7 +47,8 @@ def writing_export(directory: str | Path, kind: str, config: dict[str, Any]) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
-        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind, "config": config}
+        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind, "config": config, "files": files}
         (tmp / EXPORT_FILE).write_text(json.dumps(manifest, indent=2, default=str))
         swap_into_place(tmp, final)
     except BaseException:
@@ -54,15 +60,35 @@ def read_export(directory: str | Path, kind: str) -> dict[str, Any]:
     """The ``config`` of an export of ``kind``; a missing or foreign folder fails naming the file and the fix."""
     path = Path(directory) / EXPORT_FILE
     if not path.is_file():
+        previous = Path(directory).with_name(Path(directory).name + ".old")
+        if (previous / EXPORT_FILE).is_file():
+            raise FileNotFoundError(f"{path} not found, but the previous export is whole at {previous} (a crash while "
+                                    f"replacing it): rename that folder to {Path(directory).name}, or export again")
         raise FileNotFoundError(f"{path} not found: point at an export folder written by the {kind} stage "
                                 f"(its export_dir, or `python -m tools.consolidate` from a checkpoint)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a version-{FORMAT_VERSION} export of this project "
-                         f"(format {manifest.get('format')!r}, version {manifest.get('version')!r}); export it again")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err}): the export is damaged; {REEXPORT}") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or manifest.get("version") not in READABLE_VERSIONS:
+        found = manifest if not isinstance(manifest, dict) else (manifest.get("format"), manifest.get("version"))
+        raise ValueError(f"{path} is not an export of this project in a version it reads {READABLE_VERSIONS} "
+                         f"(found {found!r}); {REEXPORT}")
     if manifest.get("kind") != kind:
         raise ValueError(f"{path} is a {manifest.get('kind')!r} export, not a {kind!r} one: check the path")
+    check_export_files(Path(directory), manifest.get("files", {}))
     return manifest["config"]
+
+
+def check_export_files(directory: Path, files: dict[str, int]) -> None:
+    """Every file the export was written with is there, at the size it was written."""
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the export folder {directory}; {REEXPORT}")
+        if path.stat().st_size != size:
+            raise ValueError(f"{path} has {path.stat().st_size} bytes, but was exported with {size}: it is truncated "
+                             f"or was replaced; {REEXPORT}")
 
 
 def save_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -73,8 +99,11 @@ def save_tensors(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> N
 def load_tensors(directory: str | Path, name: str) -> dict[str, torch.Tensor]:
     path = Path(directory) / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the export folder {directory}: export it again")
-    return load_file(str(path))
+        raise FileNotFoundError(f"{path} is missing from the export folder {directory}; {REEXPORT}")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a damaged header or body
+        raise ValueError(f"{path} cannot be read ({err}): the file is damaged; {REEXPORT}") from err
 
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -1,9 +1,12 @@
 """Reading StoryStream records and deciding, per record, whether it is usable.
 
 A record is one jsonl line: ``{"id", "images" (or "image"), "captions", ...}`` with image paths
-relative to an image root. Anything wrong with a record is *skipped and counted by kind*,
-warned once per kind with the file and line, never raised: one bad line must not stop a
-training run. Only a wrong path for a whole file or image root raises, before training.
+relative to an image root. Files as other tools write them are read as they are: a UTF-8
+byte-order mark, CRLF line ends, blank or whitespace-only lines, unknown fields (kept in
+``extra``), and image paths written ``./frames/a.png`` or ``frames\\a.png``. Anything really wrong
+with a record is *skipped and counted by kind*, warned once per kind with the file and line,
+never raised: one bad line must not stop a training run. Only a wrong path for a whole file or
+image root raises, before training.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ NOT_A_FILE = "not_a_file"
 EMPTY_IMAGE = "empty_image"
 UNREADABLE_IMAGE = "unreadable_image"  # decoding failed at load time (truncated, corrupt)
 
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, written by e.g. Windows editors and spreadsheet exports
 
 
 @dataclass
@@ -72,8 +76,23 @@ class SkipCounter:
         return sum(self.counts.values())
 
 
+def clean_line(line: bytes) -> bytes:
+    """A jsonl line without its byte-order mark, line end and surrounding white space (empty: no record)."""
+    return line.removeprefix(BOM).strip()
+
+
+def image_ref(path: Any) -> str:
+    """An image path as written by any tool, in the form the image root joins: ``/`` separators and
+    no leading ``./`` (``.\\frames\\a.png`` and ``./frames/a.png`` are ``frames/a.png``)."""
+    ref = str(path).strip().replace("\\", "/")
+    while ref.startswith("./"):
+        ref = ref[2:]
+    return ref
+
+
 def parse_record(line: bytes, source: str, min_frames: int, skips: SkipCounter) -> StoryRecord | None:
     """Parse one jsonl line; return None (and count why) when it is unusable."""
+    line = clean_line(line)
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -101,19 +120,29 @@ def parse_record(line: bytes, source: str, min_frames: int, skips: SkipCounter) 
     if any(not isinstance(c, str) or not c.strip() for c in captions):
         skips.skip(EMPTY_CAPTION, source)
         return None
+    if any(not isinstance(p, str) or not image_ref(p) for p in images):
+        skips.skip(MISSING_FIELD, source, "every entry of 'images' must be a path string")
+        return None
     characters = raw.get("characters")
-    if characters is not None and len(characters) != len(images):
+    if not _is_cast_list(characters, len(images)):
         characters = None  # ground truth that does not line up is not ground truth
+    background = raw.get("background")
     extra = {k: v for k, v in raw.items() if k not in {"id", "images", "image", "captions", "characters", "background", "orders"}}
     return StoryRecord(
         story_id=str(raw.get("id", source)),
-        images=[str(p) for p in images],
+        images=[image_ref(p) for p in images],
         captions=[c.strip() for c in captions],
         characters=characters,
-        background=raw.get("background"),
+        background=background if isinstance(background, str) else None,
         source=source,
         extra=extra,
     )
+
+
+def _is_cast_list(characters: Any, frames: int) -> bool:
+    """Per-frame ground truth: one list of character names per frame."""
+    return (isinstance(characters, list) and len(characters) == frames
+            and all(isinstance(cast, list) and all(isinstance(name, str) for name in cast) for cast in characters))
 
 
 def read_jsonl(path: Path, min_frames: int, skips: SkipCounter) -> list[StoryRecord]:
@@ -121,9 +150,9 @@ def read_jsonl(path: Path, min_frames: int, skips: SkipCounter) -> list[StoryRec
     records = []
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
+            if not clean_line(line):
                 continue
-            record = parse_record(line.rstrip(b"\r\n"), f"{path}:{number}", min_frames, skips)
+            record = parse_record(line, f"{path}:{number}", min_frames, skips)
             if record is not None:
                 records.append(record)
     return records
@@ -132,10 +161,11 @@ def read_jsonl(path: Path, min_frames: int, skips: SkipCounter) -> list[StoryRec
 def caption_corpus(path: str | Path) -> list[str]:
     """Every caption string of a jsonl file (tokenizer training); undecodable lines are passed over."""
     captions: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
+    with open(path, "rb") as handle:
+        for raw in handle:
+            line = clean_line(raw).decode("utf-8", errors="replace")
             try:
-                record = json.loads(line) if line.strip() else {}
+                record = json.loads(line) if line else {}
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict):

@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelExactMatch
 from transformers import AutoTokenizer, CLIPModel
 
 from datamodules.batch import batch_size
+from datamodules.story_format import StoryFormat
 from datamodules.synthetic_world import BACKGROUND_NAMES, CHARACTER_NAMES
 from evaluation.evaluator import StoryEvaluator, make_evaluator_tokenizer, save_evaluator, tiny_clip_config
 from lightning_modules.components import sharding
@@ -50,8 +51,9 @@ class EvaluatorModule(L.LightningModule):
     """Trains :class:`StoryEvaluator` on (frame, caption, characters, background) from ``mode="frames"``.
 
     Args:
-        tokenizer_path: local tokenizer folder; ``prepare_data`` trains a word-level one from
-            ``tokenizer_train_file`` there when it is absent.
+        tokenizer_path: local tokenizer folder; ``prepare_data`` trains a word-level one there when
+            it is absent, on ``tokenizer_train_file`` or, when that is unset, on the train split of
+            the datamodule it is fitted with (so the corpus is written once, in the data config).
         image_size ... max_text_length: the tiny CLIPConfig (see :func:`tiny_clip_config`).
         seed: initialises the towers and heads, independent of the global seed.
         contrastive_weight / character_weight / background_weight: loss mix.
@@ -61,7 +63,7 @@ class EvaluatorModule(L.LightningModule):
     def __init__(
         self,
         tokenizer_path: str = "data/synthetic/evaluator_tokenizer",
-        tokenizer_train_file: str | None = "data/synthetic/train.jsonl",
+        tokenizer_train_file: str | None = None,
         image_size: int = 64,
         patch_size: int = 8,
         vision_width: int = 96,
@@ -87,6 +89,8 @@ class EvaluatorModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.export_dir = export_dir
         self.net: StoryEvaluator | None = None
+        # frames only: the datamodule's ViT view takes the evaluator's input size (linked by the CLI)
+        self.story_format = StoryFormat(None, image_size)
         self.stage_metrics = nn.ModuleDict({stage: self._metrics() for stage in ("val", "test")})
 
     @staticmethod
@@ -105,8 +109,15 @@ class EvaluatorModule(L.LightningModule):
     # -- building --------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        if self.tokenizer_train_file and not Path(self.tokenizer_path).exists():
-            make_evaluator_tokenizer(self.tokenizer_train_file, self.tokenizer_path, self.hparams.max_text_length)
+        if Path(self.tokenizer_path).exists():
+            return
+        corpus = [self.tokenizer_train_file] if self.tokenizer_train_file else self._datamodule_train_files()
+        if corpus:
+            make_evaluator_tokenizer(corpus, self.tokenizer_path, self.hparams.max_text_length)
+
+    def _datamodule_train_files(self) -> list[str]:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return list(getattr(datamodule, "files", {}).get("train", []))
 
     def configure_model(self) -> None:
         """Build from the tokenizer's vocabulary (late: the tokenizer is made in prepare_data)."""
@@ -114,7 +125,8 @@ class EvaluatorModule(L.LightningModule):
             return
         if not Path(self.tokenizer_path).exists():
             raise FileNotFoundError(
-                f"tokenizer_path {self.tokenizer_path} does not exist; run prepare_data with tokenizer_train_file set"
+                f"tokenizer_path {self.tokenizer_path} does not exist; fit with a datamodule that has train files "
+                "(or set tokenizer_train_file) so that prepare_data trains it"
             )
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
         hp = self.hparams

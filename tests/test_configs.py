@@ -128,3 +128,38 @@ def test_trainer_configs_compose_with_a_stage(trainer, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     strategy = printed["trainer"]["strategy"]["class_path"]
     assert strategy.startswith(("lightning.pytorch.strategies.", "lightning_modules.components.strategies."))
+
+
+def _run_length_schedules() -> list[Path]:
+    """The configs whose scheduler has a ``total_steps`` (a schedule over the whole run)."""
+    import importlib
+    import inspect
+
+    found = []
+    for path in CONFIGS:
+        scheduler = (yaml.safe_load(path.read_text())["model"].get("init_args") or {}).get("scheduler")
+        if scheduler:
+            module, _, name = scheduler["class_path"].rpartition(".")
+            if "total_steps" in inspect.signature(getattr(importlib.import_module(module), name)).parameters:
+                found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("path", _run_length_schedules(), ids=str)
+def test_a_step_schedule_lasts_the_run_and_a_disagreeing_length_fails_before_training(path):
+    import torch
+    from jsonargparse import dict_to_namespace
+
+    from tools.cli import composed_yaml, fill_schedule_length
+
+    command = config_command(str(path))[1:]
+    with pytest.raises(ValueError, match="total_steps=12 but trainer.max_steps=737"):  # checked before anything is built
+        cli_main([*command, "--trainer.max_steps=737", "--model.init_args.scheduler.init_args.total_steps=12",
+                  "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False)
+    config = dict_to_namespace(composed_yaml(str(path)))
+    fill_schedule_length(config)
+    assert config.model.init_args.scheduler.init_args.total_steps == config.trainer.max_steps
+    if "detokenizer_dir" not in path.read_text():  # the others need their earlier stages' exports to build
+        cli = cli_main([*command, "--trainer.max_steps=737", "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        assert cli.model.scheduler_factory(optimizer).total_steps == 737

@@ -116,13 +116,15 @@ def test_fast_dev_run_of_the_tiny_config(tiny_world, tmp_path):
             "--data.init_args.synthetic", "null",
             "--data.init_args.batch_size", "8",
             "--model.init_args.tokenizer_path", str(tmp_path / "tok"),
-            "--model.init_args.tokenizer_train_file", str(tiny_world / "train.jsonl"),
             "--model.init_args.export_dir", str(export),
             "--trainer.fast_dev_run", "2",
             "--trainer.default_root_dir", str(tmp_path / "run"),
         ]
     )  # fmt: skip
-    assert (tmp_path / "tok" / "tokenizer.json").exists()  # prepare_data trained the tokenizer
+    # prepare_data trained the tokenizer on the data's train split (the corpus is written once, in the data config)
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "tok" / "tokenizer.json").read_text()) == json.loads(
+        make_evaluator_tokenizer(tiny_world / "train.jsonl", tmp_path / "tok_direct").joinpath("tokenizer.json").read_text())
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert 0.0 <= float(cli.trainer.callback_metrics["val/char_f1"]) <= 1.0
     loaded = load_evaluator(export)  # on_fit_end exported a loadable evaluator

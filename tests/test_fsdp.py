@@ -125,7 +125,7 @@ def test_stage3_fsdp_two_processes_match_one(tiny_world, exports, tmp_path):  # 
     config = "configs/tiny/stage3_adaptation.yaml"
     common = [*_data(tiny_world), f"--model.init_args.detokenizer_dir={exports / 'stage1'}",
               f"--model.init_args.mllm_dir={exports / 'stage2'}", "--model.init_args.val_images=0",
-              "--model.init_args.evaluator_dir=null", "--model.init_args.scheduler=null", "--trainer.callbacks=[]",
+              "--model.init_args.scheduler=null", "--trainer.callbacks=[]",
               "--data.init_args.image_size=64",
               "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
               "--data.init_args.eval_batch_size=2"]

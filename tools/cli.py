@@ -30,7 +30,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.data_health import DataHealthCallback
-from callbacks.resilience import NonFiniteGuard, RNGStateCallback, resumable_checkpoints
+from callbacks.resilience import NonFiniteGuard, RNGStateCallback, guard_checkpoint_loading, resumable_checkpoints
 
 
 def story_format_of(model: Any) -> Any:
@@ -94,10 +94,33 @@ def fill_logger_dirs(trainer: Namespace) -> None:
             spec.init_args.name = Path(root).name
 
 
+def fill_schedule_length(config: Namespace) -> None:
+    """A step schedule lasts the run: a model's ``scheduler`` whose ``total_steps`` is unset gets
+    ``trainer.max_steps``; one written differently fails here, before anything is built."""
+    scheduler = (config.get("model") or Namespace()).get("init_args", Namespace()).get("scheduler")
+    if not isinstance(scheduler, Namespace) or not scheduler.get("class_path"):
+        return
+    if "total_steps" not in inspect.signature(_class_of(scheduler.class_path)).parameters:
+        return
+    if scheduler.get("init_args") is None:
+        scheduler.init_args = Namespace()
+    max_steps, total = config.trainer.get("max_steps"), scheduler.init_args.get("total_steps")
+    if max_steps is None or max_steps < 0:
+        if total is None:
+            raise ValueError(f"{scheduler.class_path} needs total_steps: set trainer.max_steps (the schedule then lasts the run)")
+        return
+    if total is None:
+        scheduler.init_args.total_steps = max_steps
+    elif total != max_steps:
+        raise ValueError(f"model.init_args.scheduler.init_args.total_steps={total} but trainer.max_steps={max_steps}: "
+                         "remove total_steps from the config, the schedule takes the run's length")
+
+
 class StoryCLI(LightningCLI):
     """LightningCLI with the project's fixed callbacks, resumable checkpoint folders, and the model's
     story format handed to the datamodule (its ViT view size, tokenizer and layout are written once,
-    in the model's config); loggers without a ``save_dir`` log under ``trainer.default_root_dir``."""
+    in the model's config); loggers without a ``save_dir`` log under ``trainer.default_root_dir``, and
+    a step schedule lasts ``trainer.max_steps``."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model", "data.init_args.story_format", compute_fn=story_format_of, apply_on="instantiate")
@@ -105,11 +128,14 @@ class StoryCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # the parsed config of the current subcommand (the whole config when run=False); the config
         # saved next to the logs is this one, so it shows the filled folders
-        fill_logger_dirs(self.config.get(str(self.subcommand), self.config).trainer)
+        config = self.config.get(str(self.subcommand), self.config)
+        fill_logger_dirs(config.trainer)
+        fill_schedule_length(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         resumable_checkpoints(trainer)
+        guard_checkpoint_loading(trainer)
         return trainer
 
 

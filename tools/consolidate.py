@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import torch
 
+from callbacks.resilience import DamagedCheckpointError, damaged_checkpoint_message
 from tools.cli import cli_main
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     Everything is loaded with ``weights_only=True``: a checkpoint cannot run code.
     """
     path = Path(path)
+    try:
+        return _read_checkpoint(path)
+    except (FileNotFoundError, DamagedCheckpointError):
+        raise
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise DamagedCheckpointError(damaged_checkpoint_message(path, err)) from err
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     if not (path / DCP_METADATA).is_file():

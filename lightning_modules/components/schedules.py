@@ -11,10 +11,14 @@ from torch.optim.lr_scheduler import LambdaLR
 class WarmupCosineLR(LambdaLR):
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_ratio`` x lr at ``total_steps``.
 
-    SEED-Story's stage-2 recipe: 100 warm-up steps, 6000 steps, down to 5% of the peak lr.
+    SEED-Story's stage-2 recipe: 100 warm-up steps, 6000 steps, down to 5% of the peak lr. In a
+    config ``total_steps`` is left unset: the CLI gives it ``trainer.max_steps``.
     """
 
-    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0, last_epoch: int = -1):
+    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int | None = None, min_ratio: float = 0.0,
+                 last_epoch: int = -1):
+        if total_steps is None:
+            raise ValueError("WarmupCosineLR needs total_steps (through train.py it is trainer.max_steps)")
         if total_steps <= warmup_steps:
             raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
