@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from lightning_modules.components.qwen_vit import QwenViT
 from tools.cli import cli_main, composed_yaml, config_command
 
 GB = 1024**3
@@ -197,11 +198,13 @@ def llm_part(config: str, frozen: bool = False) -> Part:
 
 
 def vision_part() -> Part:
-    """Qwen-VL ViT-G, frozen, no activations kept: 48 layers of width 1664 (MLP 8192) + its
-    attention-pool resampler to 256 x 4096 (~1.9 B parameters)."""
-    width, mlp, layers, out = 1664, 8192, 48, 4096
-    params = layers * (4 * width * width + 2 * width * mlp) + 4 * out * out + width * out + 256 * out
-    return Part("Qwen-VL ViT (frozen)", params, 0, params // 48, 0, 0, replicated=True)
+    """Qwen-VL ViT-G, frozen, no activations kept, counted on the ``meta`` device: 48 blocks of
+    width 1664 (MLP 8192) + its attention pool to 256 x 4096 (~1.9 B parameters)."""
+    with torch.device("meta"):
+        tower = QwenViT()
+    params = sum(p.numel() for p in tower.parameters())
+    layers = len(tower.transformer.resblocks)
+    return Part("Qwen-VL ViT (frozen)", params, 0, params // layers, 0, 0, replicated=True)
 
 
 def plan(stage: str, gpus: int) -> Plan:

@@ -12,9 +12,14 @@ Backends:
   init under a fixed seed (the embedded CPU default; same seed -> same weights).
 - ``"hf"``: any local Hugging Face vision tower (``CLIPVisionModel``, ``SiglipVisionModel`` or an
   ``AutoModel`` with ``last_hidden_state``) loaded from ``path``.
-- ``"qwen_vl"``: the real Qwen-VL-Chat ViT-G + attention-pool resampler (256 x 4096). Its loader
-  is later work; building it raises ``NotImplementedError`` but its shape is known, so real-scale
-  configs can be instantiated (e.g. on the ``meta`` device) without it.
+- ``"qwen_vl"``: SEED-Story's visual tokenizer, the Qwen-VL-Chat ViT-G + attention pool
+  (:mod:`lightning_modules.components.qwen_vit`, 448 px -> 256 x 4096), loaded strictly from
+  ``path``: the extracted ``qwen_vit_G.pt`` or a local Qwen-VL-Chat folder. Without ``path`` it
+  is built with random weights under ``seed`` (benchmarks, tests).
+
+The sizes left unset take the backend's defaults (:data:`BACKEND_SIZES`): the tiny tower's for
+``tiny_clip``, ViT-G's for ``qwen_vl``, so a miniature Qwen-VL tower is the same config with
+smaller numbers.
 """
 
 from __future__ import annotations
@@ -29,33 +34,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.frozen import Frozen
+from lightning_modules.components.qwen_vit import QwenViT, QwenViTSizes, load_qwen_vit
 
 log = logging.getLogger(__name__)
 
 
 Backend = Literal["tiny_clip", "hf", "qwen_vl"]
 
-# Known output shape of the real Qwen-VL visual tokenizer (448 px, patch 14, 1024 patches,
-# width 1664, 48 layers, then an attention-pool resampler to 256 queries of 4096).
-QWEN_VL_TOKENS, QWEN_VL_DIM, QWEN_VL_IMAGE_SIZE = 256, 4096, 448
+_TINY = dict(image_size=64, patch_size=8, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256)
+_QWEN = QwenViTSizes()
+# what an unset size is, per backend ("hf" reads its tower's own sizes; only image_size is used)
+BACKEND_SIZES: dict[str, dict[str, int]] = {
+    "tiny_clip": _TINY,
+    "hf": _TINY,
+    "qwen_vl": dict(image_size=_QWEN.image_size, patch_size=_QWEN.patch_size, hidden_size=_QWEN.width,
+                    num_layers=_QWEN.layers, num_heads=_QWEN.heads, intermediate_size=_QWEN.mlp_width,
+                    output_dim=_QWEN.output_dim, num_queries=_QWEN.num_queries),
+}
 
 
 @dataclass
 class VisionEncoderConfig:
-    """How to (re)build the frozen tower; stored in exports instead of its weights."""
+    """How to (re)build the frozen tower; stored in exports instead of its weights. Sizes left
+    ``None`` take the backend's defaults (:data:`BACKEND_SIZES`)."""
 
     backend: Backend = "tiny_clip"
-    path: str | None = None  # local folder for "hf" / "qwen_vl"
-    image_size: int = 64
-    patch_size: int = 8
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    seed: int = 0  # tiny_clip init seed
+    path: str | None = None  # "hf": a local model folder; "qwen_vl": qwen_vit_G.pt or a Qwen-VL-Chat folder
+    image_size: int | None = None
+    patch_size: int | None = None
+    hidden_size: int | None = None  # the tower's width
+    num_layers: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None  # the MLP's width
+    seed: int = 0  # init seed of a tower built without weights
     drop_cls: bool = True  # keep only patch tokens (N = (S/P)^2)
     num_tokens: int | None = None  # adaptive-avg-pool the tokens to this many (None: keep all)
-    output_dim: int | None = None  # "hf": the tower's hidden size, when known without loading
+    output_dim: int | None = None  # "hf": the tower's hidden size, when known without loading; "qwen_vl": the pool's width
+    num_queries: int | None = None  # "qwen_vl": the attention pool's queries (a square number)
+
+    def __post_init__(self) -> None:
+        for name, value in BACKEND_SIZES.get(self.backend, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 def _build_tiny_clip(cfg: VisionEncoderConfig) -> nn.Module:
@@ -88,12 +108,18 @@ def _build_hf(cfg: VisionEncoderConfig) -> nn.Module:
     return AutoModel.from_pretrained(cfg.path, local_files_only=True)
 
 
+def qwen_sizes(cfg: VisionEncoderConfig) -> QwenViTSizes:
+    return QwenViTSizes(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.hidden_size, layers=cfg.num_layers,
+                        heads=cfg.num_heads, mlp_width=cfg.intermediate_size, output_dim=cfg.output_dim,
+                        num_queries=cfg.num_queries)
+
+
 def _build_qwen_vl(cfg: VisionEncoderConfig) -> nn.Module:
-    raise NotImplementedError(
-        "The Qwen-VL-Chat ViT-G visual tokenizer (448 px, patch 14, width 1664, 48 layers, attention-pool "
-        "resampler to 256x4096) is not implemented yet: loading it from a local Qwen-VL-Chat checkpoint is "
-        "planned together with stage 2. Use backend 'hf' with a local CLIP/SigLIP tower, or 'tiny_clip'."
-    )
+    if cfg.path:
+        return load_qwen_vit(cfg.path, qwen_sizes(cfg))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return QwenViT(qwen_sizes(cfg))
 
 
 BUILDERS: dict[str, Callable[[VisionEncoderConfig], nn.Module]] = {
@@ -119,7 +145,7 @@ class FrozenVisionEncoder(nn.Module):
 
     @property
     def image_size(self) -> int:
-        return QWEN_VL_IMAGE_SIZE if self.config.backend == "qwen_vl" else self.config.image_size
+        return self.config.image_size
 
     @property
     def num_tokens(self) -> int:
@@ -127,7 +153,7 @@ class FrozenVisionEncoder(nn.Module):
         if cfg.num_tokens is not None:
             return cfg.num_tokens
         if cfg.backend == "qwen_vl":
-            return QWEN_VL_TOKENS
+            return cfg.num_queries
         patches = (cfg.image_size // cfg.patch_size) ** 2
         return patches if cfg.drop_cls else patches + 1
 
@@ -135,7 +161,7 @@ class FrozenVisionEncoder(nn.Module):
     def dim(self) -> int:
         cfg = self.config
         if cfg.backend == "qwen_vl":
-            return QWEN_VL_DIM
+            return cfg.output_dim
         if cfg.backend == "hf":
             if cfg.output_dim is not None:
                 return cfg.output_dim
@@ -164,7 +190,8 @@ class FrozenVisionEncoder(nn.Module):
             )
         tower = self.tower
         pixels = vit_pixels.to(self._anchor.dtype)
-        tokens = tower(pixel_values=pixels).last_hidden_state
+        out = tower(pixel_values=pixels)
+        tokens = out if isinstance(out, torch.Tensor) else out.last_hidden_state  # Qwen-VL's tower returns its tokens
         if self.config.drop_cls and self.config.backend != "qwen_vl":
             tokens = tokens[:, 1:]
         if self.config.num_tokens is not None and tokens.shape[1] != self.config.num_tokens:
