@@ -31,7 +31,7 @@ from datamodules.sequence import IGNORE_INDEX, StorySequence
 from datamodules.story_format import StoryFormat, StoryFormatConfig
 from lightning_modules.components import sharding, story_llm
 from lightning_modules.components.context_blur import blur_toward_story_mean
-from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
+from lightning_modules.components.resamplers import ResamplerConfig, build_resampler, resampler_config_from_dict
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
@@ -63,8 +63,9 @@ class StoryMLLMModule(L.LightningModule):
             (``last``, SEED-Story's, or ``all``: every step's caption and image in one pass) and
             the token budget ``max_length``; the datamodule encodes batches with it.
         vision_encoder: the frozen visual tokenizer, the same config as stage 1.
-        input_resampler / output_resampler: perceiver shapes; the input/output widths and query
-            counts are filled in from the encoder, Q and the LLM width.
+        input_resampler / output_resampler: a perceiver (``kind: perceiver``, the default) or
+            SEED-Story's Qwen-style single attention (``kind: qwen``); the input/output widths
+            and query counts are filled in from the encoder, Q and the LLM width.
         lora: LoRA settings; ``None`` trains the whole LLM (the tiny random-init default).
         rec_loss: ``cosine`` (``1 - cos`` per feature token) or ``mse``.
         residual_features: regress the change from the previous frame's features (prediction =
@@ -87,8 +88,8 @@ class StoryMLLMModule(L.LightningModule):
         llm: LLMSpec,
         story_format: StoryFormatConfig | None = None,
         vision_encoder: VisionEncoderConfig | None = None,
-        input_resampler: PerceiverConfig | None = None,
-        output_resampler: PerceiverConfig | None = None,
+        input_resampler: ResamplerConfig | None = None,
+        output_resampler: ResamplerConfig | None = None,
         lora: LoRASpec | None = None,
         lm_weight: float = 1.0,
         rec_weight: float = 1.0,
@@ -123,11 +124,9 @@ class StoryMLLMModule(L.LightningModule):
 
         width = story_llm.llm_architecture(self.llm_spec).hidden_size
         encoder = self.vision_encoder
-        self.input_resampler = PerceiverResampler(dataclasses.replace(
-            input_resampler or PerceiverConfig(), input_dim=encoder.dim, num_queries=num_queries, output_dim=width))
-        self.output_resampler = PerceiverResampler(dataclasses.replace(
-            output_resampler or PerceiverConfig(), input_dim=width, num_queries=encoder.num_tokens, output_dim=encoder.dim,
-            query_input_dim=encoder.dim if queries_from_previous else 0))
+        self.input_resampler = build_resampler(input_resampler, encoder.dim, num_queries, width)
+        self.output_resampler = build_resampler(output_resampler, width, encoder.num_tokens, encoder.dim,
+                                                query_input_dim=encoder.dim if queries_from_previous else 0)
         self.llm: nn.Module | None = None
         self.base_vocab_size: int | None = None
 
@@ -341,8 +340,8 @@ def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> Sto
         llm=llm,
         story_format=_exported_format_config(root, config),
         vision_encoder=VisionEncoderConfig(**config.pop("vision_encoder")) if config.get("vision_encoder") else None,
-        input_resampler=PerceiverConfig(**config.pop("input_resampler")) if config.get("input_resampler") else None,
-        output_resampler=PerceiverConfig(**config.pop("output_resampler")) if config.get("output_resampler") else None,
+        input_resampler=resampler_config_from_dict(config.pop("input_resampler", None)),
+        output_resampler=resampler_config_from_dict(config.pop("output_resampler", None)),
         lora=None,
         **{k: v for k, v in config.items()
            if k in ("lm_weight", "rec_weight", "rec_loss", "residual_features", "queries_from_previous", "context_blur")},

@@ -53,22 +53,29 @@ def reference_tokens(state: dict[str, torch.Tensor], pixels: torch.Tensor, sizes
         h = _layer_norm(x, s["ln_2.weight"], s["ln_2.bias"], 1e-6) @ s["mlp.c_fc.weight"].T + s["mlp.c_fc.bias"]
         h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
         x = x + h @ s["mlp.c_proj.weight"].T + s["mlp.c_proj.bias"]
-    # attention pool: queries + positions, keys + positions resized to the patch grid, values bare
     a = {k.removeprefix("attn_pool."): v for k, v in state.items() if k.startswith("attn_pool.")}
-    out_dim, pool_heads = sizes.output_dim, sizes.output_dim // 128
-    pd = out_dim // pool_heads
-    kv = _layer_norm(x @ a["kv_proj.weight"].T, a["ln_kv.weight"], a["ln_kv.bias"], 1e-6)
-    query = _layer_norm(a["query"], a["ln_q.weight"], a["ln_q.bias"], 1e-6) + a["pos_embed"]
+    pooled = reference_resampler(a, x, heads=sizes.output_dim // 128, eps=1e-6)
+    return _layer_norm(pooled, state["ln_post.weight"], state["ln_post.bias"], 1e-6) @ state["proj"]
+
+
+def reference_resampler(a: dict[str, torch.Tensor], x: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+    """Qwen's resampler: queries + positions, keys + positions resized to the input grid, values
+    bare; one multi-head attention with stacked q|k|v projections."""
+    b, n = x.shape[:2]
+    out_dim = a["query"].shape[1]
+    d = out_dim // heads
+    kv = x @ a["kv_proj.weight"].T if "kv_proj.weight" in a else x
+    kv = _layer_norm(kv, a["ln_kv.weight"], a["ln_kv.bias"], eps)
+    query = _layer_norm(a["query"], a["ln_q.weight"], a["ln_q.bias"], eps) + a["pos_embed"]
     key = kv + _resize(a["pos_embed"], n)
     wq, wk, wv = a["attn.in_proj_weight"].chunk(3)
     bq, bk, bv = a["attn.in_proj_bias"].chunk(3)
-    q = (query @ wq.T + bq).reshape(-1, pool_heads, pd)
-    k = (key @ wk.T + bk).reshape(b, n, pool_heads, pd)
-    v = (kv @ wv.T + bv).reshape(b, n, pool_heads, pd)
-    scores = torch.einsum("qhd,bkhd->bhqk", q, k) / math.sqrt(pd)
+    q = (query @ wq.T + bq).reshape(-1, heads, d)
+    k = (key @ wk.T + bk).reshape(b, n, heads, d)
+    v = (kv @ wv.T + bv).reshape(b, n, heads, d)
+    scores = torch.einsum("qhd,bkhd->bhqk", q, k) / math.sqrt(d)
     pooled = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, -1, out_dim)
-    pooled = pooled @ a["attn.out_proj.weight"].T + a["attn.out_proj.bias"]
-    return _layer_norm(pooled, state["ln_post.weight"], state["ln_post.bias"], 1e-6) @ state["proj"]
+    return pooled @ a["attn.out_proj.weight"].T + a["attn.out_proj.bias"]
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +155,18 @@ def test_fixed_positions_follow_the_released_layout():
 
     expected = np.concatenate([one_d(dim // 2, g[0]), one_d(dim // 2, g[1])], 1)
     np.testing.assert_allclose(sincos_2d(dim, grid).numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens, kv_dim", [(64, 256), (16, 32)], ids=["mllm-input-64-slots", "grid-kept-with-kv-proj"])
+def test_the_mllm_resampler_loads_released_names_and_computes_the_documented_math(tokens, kv_dim):
+    """SEED-Story's MLLM resamplers: LayerNorm eps 1e-5, no kv projection when the widths agree."""
+    from lightning_modules.components.qwen_resampler import QwenResampler
+    from tests.mini_release import random_state
+
+    resampler = QwenResampler(grid=2, embed_dim=256, num_heads=2, kv_dim=kv_dim, norm_eps=1e-5)
+    released = random_state(resampler, seed=3)
+    assert ("kv_proj.weight" in released) == (kv_dim != 256)
+    resampler.load_state_dict(released, strict=True)
+    x = torch.randn(3, tokens, kv_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(resampler(x), reference_resampler(released, x, heads=2, eps=1e-5), atol=1e-5, rtol=1e-5)

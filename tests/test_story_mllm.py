@@ -60,6 +60,13 @@ def test_real_config_instantiates_on_meta():
     for kind in ("lora_A", "embed_tokens", "lm_head", "input_layernorm", "model.norm", "input_resampler", "output_resampler"):
         assert any(kind in n for n in trainable), kind
     assert not any("q_proj.base_layer" in n for n in trainable)
+    # SEED-Story's resamplers: one attention at 4096 with 32 heads; 64 input slots, 256 output tokens
+    released = {"query", "pos_embed", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
+                "ln_q.weight", "ln_q.bias", "ln_kv.weight", "ln_kv.bias"}
+    for resampler, queries in ((module.input_resampler, 64), (module.output_resampler, 256)):
+        assert set(resampler.state_dict()) == released and resampler.attn.num_heads == 32
+        assert resampler.query.shape == resampler.pos_embed.shape == (queries, 4096)
+        assert resampler.attn.in_proj_weight.shape == (3 * 4096, 4096)
 
 
 def test_vocabulary_grows_with_mean_initialised_story_tokens(tokenizer_dir):
@@ -201,3 +208,26 @@ def test_context_blur_pulls_read_frames_toward_their_story_mean_and_keeps_target
         clean = module.forward_story(batch)
     torch.testing.assert_close(out.target_features, clean.target_features)
     assert not torch.allclose(out.previous_features, clean.previous_features)
+
+
+def test_qwen_resamplers_train_and_reload_with_the_classes_that_wrote_them(tiny_world, tokenizer_dir, tmp_path):  # noqa: F811
+    import json
+
+    from lightning_modules.components.qwen_resampler import QwenResampler, QwenResamplerConfig
+
+    module = _module(tokenizer_dir, input_resampler=QwenResamplerConfig(heads=2), output_resampler=QwenResamplerConfig(heads=2))
+    assert isinstance(module.input_resampler, QwenResampler) and isinstance(module.output_resampler, QwenResampler)
+    batch = _batch(tiny_world, n=2, max_images=3)
+    terms = module.losses(module.forward_story(batch))
+    terms["loss"].backward()
+    assert module.input_resampler.query.grad is not None and module.output_resampler.attn.in_proj_weight.grad is not None
+    folder = save_mllm(module.eval(), tmp_path / "export")
+    assert json.loads((folder / "export.json").read_text())["config"]["output_resampler"]["kind"] == "qwen"
+    reloaded = load_mllm(folder)
+    assert isinstance(reloaded.output_resampler, QwenResampler)
+    with torch.no_grad():
+        expected, again = module.forward_story(batch), reloaded.forward_story(batch)
+    torch.testing.assert_close(again.predicted_features, expected.predicted_features)
+    torch.testing.assert_close(again.logits, expected.logits)
+    with pytest.raises(ValueError, match="queries_from_previous needs the perceiver"):
+        _module(tokenizer_dir, output_resampler=QwenResamplerConfig(heads=2), queries_from_previous=True)

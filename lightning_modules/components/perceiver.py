@@ -8,6 +8,7 @@ so every resampler shares one implementation and one config shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import nn
 class PerceiverConfig:
     """Shape of a :class:`PerceiverResampler` (serialisable, so exports can rebuild it)."""
 
+    kind: Literal["perceiver"] = "perceiver"  # see lightning_modules.components.resamplers
     input_dim: int = 128
     dim: int = 128
     depth: int = 2

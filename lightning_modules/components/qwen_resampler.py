@@ -15,6 +15,8 @@ table of the query grid and ``pos'`` the same table resized bicubically to the i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,16 @@ def resize_positions(table: torch.Tensor, tokens: int) -> torch.Tensor:
     return resized.permute(0, 2, 3, 1).reshape(tokens, -1).to(table.dtype)
 
 
+@dataclass
+class QwenResamplerConfig:
+    """Choose a :class:`QwenResampler` where a config takes a resampler (``kind: qwen``); the
+    widths and the number of queries are given by the module that builds it."""
+
+    kind: Literal["qwen"] = "qwen"
+    heads: int = 32  # SEED-Story: 32 heads at 4096
+    norm_eps: float = 1e-5  # SEED-Story's MLLM resamplers: nn.LayerNorm's default
+
+
 class QwenResampler(nn.Module):
     """``(B, N, kv_dim)`` tokens on a square grid -> ``(B, grid², embed_dim)``; see the module docstring.
 
@@ -63,8 +75,8 @@ class QwenResampler(nn.Module):
         super().__init__()
         self.grid, self.embed_dim = grid, embed_dim
         self.num_queries = grid * grid
-        # fixed, but a parameter (without gradients) as in the released state dicts
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, grid), requires_grad=False)
+        # fixed; saved (the released state dicts hold it), never trained
+        self.register_buffer("pos_embed", sincos_2d(embed_dim, grid))
         self.query = nn.Parameter(torch.empty(self.num_queries, embed_dim))
         self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim not in (None, embed_dim) else nn.Identity()
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
@@ -82,7 +94,13 @@ class QwenResampler(nn.Module):
         nn.init.trunc_normal_(self.attn.in_proj_weight, std=0.02)
         nn.init.zeros_(self.attn.in_proj_bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    @property
+    def output_dim(self) -> int:
+        return self.embed_dim
+
+    def forward(self, tokens: torch.Tensor, query_features: torch.Tensor | None = None) -> torch.Tensor:
+        if query_features is not None:
+            raise ValueError("the Qwen resampler has fixed learned queries: queries_from_previous needs the perceiver")
         kv = self.ln_kv(self.kv_proj(tokens))
         key_positions = resize_positions(self.pos_embed, tokens.shape[1]).to(kv.dtype)
         queries = (self.ln_q(self.query) + self.pos_embed.to(kv.dtype)).expand(tokens.shape[0], -1, -1)
