@@ -17,12 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.components.perceiver import PerceiverConfig, PerceiverResampler
+from lightning_modules.components.seed_story_adapter import SeedStoryResampler
 
 
 @dataclass
 class SDXLAdapterConfig:
     """Resampler shape plus the SD-XL-like heads. Real scale: proj_dims (768, 1280), pooled 1280."""
 
+    # "project": the project's perceiver + heads below; "seed_story": the released adapter
+    # (lightning_modules.components.seed_story_adapter: token-axis normalisation, bias-free
+    # feed-forward, no output projection, mean-token attention pool), which released weights need.
+    # Both read the resampler's shape (its output_dim unused by "seed_story": its width is `dim`).
+    layout: Literal["project", "seed_story"] = "project"
     resampler: PerceiverConfig = field(default_factory=PerceiverConfig)
     proj_dims: tuple[int, int] = (768, 1280)  # concatenated -> the UNet's cross_attention_dim
     pooled_dim: int = 1280  # text_embeds width; pooled from the second projection
@@ -117,6 +123,9 @@ class SDXLAdapter(nn.Module):
     def __init__(self, config: SDXLAdapterConfig):
         super().__init__()
         self.config = config
+        if config.layout == "seed_story":
+            self._build_released(config)
+            return
         out = config.resampler.output_dim
         self.resampler = PerceiverResampler(config.resampler)
         self.proj_a = nn.Linear(out, config.proj_dims[0])
@@ -136,7 +145,19 @@ class SDXLAdapter(nn.Module):
                 )
             self.spatial = nn.Sequential(nn.LayerNorm(out), nn.Linear(out, config.spatial_channels * config.spatial_upscale**2))
 
+    def _build_released(self, config: SDXLAdapterConfig) -> None:
+        r = config.resampler
+        if config.spatial_channels or r.queries_from_input or r.query_input_dim:
+            raise ValueError("adapter.layout=seed_story is the released adapter: it has no spatial map, "
+                             "queries_from_input or query_input_dim")
+        self.resampler = SeedStoryResampler(r.input_dim, r.dim, r.depth, r.heads, r.dim_head, r.num_queries, r.ff_mult,
+                                            config.proj_dims, config.pooled_dim, config.pool_heads)
+        self.spatial = None
+
     def forward(self, features: torch.Tensor, time_ids: torch.Tensor) -> SDXLConditioning:
+        if self.config.layout == "seed_story":
+            hidden, pooled = self.resampler(features)
+            return SDXLConditioning(hidden, pooled, time_ids.to(hidden.dtype))
         tokens = self.resampler(features)
         b = self.proj_b(tokens)
         hidden = torch.cat([self.proj_a(tokens), b], dim=-1)
