@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.components.qwen_resampler import QwenResampler, resize_positions
+from lightning_modules.components.strict_load import load_strictly
 
 QWEN_PREFIX = "transformer.visual."  # where the visual module sits inside Qwen-VL-Chat
 SHARD_INDEX = "model.safetensors.index.json"
@@ -149,15 +150,5 @@ def read_qwen_visual_state(path: str | Path) -> dict[str, torch.Tensor]:
 def load_qwen_vit(path: str | Path, sizes: QwenViTSizes | None = None) -> QwenViT:
     """A :class:`QwenViT` of ``sizes`` with the released weights at ``path``, loaded strictly."""
     model = QwenViT(sizes)
-    state = read_qwen_visual_state(path)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} here"
-             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not match a Qwen-VL ViT of sizes {model.sizes}: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, wrong shape {wrong[:5]}")
-    model.load_state_dict(state, strict=True)
+    load_strictly(model, read_qwen_visual_state(path), f"{path} (a Qwen-VL ViT of sizes {model.sizes})")
     return model
