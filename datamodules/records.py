@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,18 +159,20 @@ def read_jsonl(path: Path, min_frames: int, skips: SkipCounter) -> list[StoryRec
     return records
 
 
-def caption_corpus(path: str | Path) -> list[str]:
-    """Every caption string of a jsonl file (tokenizer training); undecodable lines are passed over."""
+def caption_corpus(paths: str | Path | Sequence[str | Path]) -> list[str]:
+    """Every caption string of one jsonl file or several, in order (tokenizer training);
+    undecodable lines are passed over."""
     captions: list[str] = []
-    with open(path, "rb") as handle:
-        for raw in handle:
-            line = clean_line(raw).decode("utf-8", errors="replace")
-            try:
-                record = json.loads(line) if line else {}
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                captions += [c for c in record.get("captions", []) if isinstance(c, str)]
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        with open(path, "rb") as handle:
+            for raw in handle:
+                line = clean_line(raw).decode("utf-8", errors="replace")
+                try:
+                    record = json.loads(line) if line else {}
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("captions"), list):
+                    captions += [c for c in record["captions"] if isinstance(c, str)]
     return captions
 
 

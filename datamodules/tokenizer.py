@@ -9,6 +9,7 @@ exactly ``Q + 2`` new tokens (66 at real scale).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,19 +91,26 @@ def train_caption_tokenizer(captions: list[str], vocab_size: int = 512) -> PreTr
     )
 
 
-def make_tiny_tokenizer(train_jsonl: str | Path | list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:
-    """Train on a split's captions (one jsonl file or several) and ``save_pretrained`` (once, in prepare_data)."""
+def train_tokenizer_once(train_jsonl: str | Path | Sequence[str | Path], out_dir: str | Path,
+                         train: Callable[[list[str]], PreTrainedTokenizerBase], what: str) -> Path:
+    """Train ``what`` with ``train`` on the captions of one jsonl file or several and
+    ``save_pretrained`` it to ``out_dir``, unless it is there already (once, in prepare_data)."""
     out_dir = Path(out_dir)
     if (out_dir / "tokenizer.json").exists():
         return out_dir
-    files = train_jsonl if isinstance(train_jsonl, list) else [train_jsonl]
-    captions = [caption for path in files for caption in caption_corpus(path)]
+    captions = caption_corpus(train_jsonl)
     if not captions:
-        raise ValueError(f"no captions found in {files} to train the tiny tokenizer on")
-    tokenizer = train_caption_tokenizer(captions, vocab_size)
+        raise ValueError(f"no captions in {train_jsonl} to train the {what} on")
+    tokenizer = train(captions)
     tokenizer.save_pretrained(str(out_dir))
-    log.info("trained a %d-token caption tokenizer on %d captions -> %s", len(tokenizer), len(captions), out_dir)
+    log.info("trained the %s (%d tokens) on %d captions -> %s", what, len(tokenizer), len(captions), out_dir)
     return out_dir
+
+
+def make_tiny_tokenizer(train_jsonl: str | Path | Sequence[str | Path], out_dir: str | Path, vocab_size: int = 512) -> Path:
+    """The tiny LLM's byte-level BPE, trained on a split's captions."""
+    return train_tokenizer_once(train_jsonl, out_dir, lambda captions: train_caption_tokenizer(captions, vocab_size),
+                                "tiny caption tokenizer")
 
 
 def load_story_tokenizer(path: str | Path, num_queries: int) -> PreTrainedTokenizerBase:

@@ -35,8 +35,8 @@ from transformers import (
 
 from datamodules.exports import load_tensors, prefixed, read_export, save_tensors, writing_export
 from datamodules.images import CLIP_MEAN, CLIP_STD
-from datamodules.records import caption_corpus
 from datamodules.synthetic_world import BACKGROUND_NAMES, CHARACTER_NAMES
+from datamodules.tokenizer import train_tokenizer_once
 
 log = logging.getLogger(__name__)
 
@@ -72,26 +72,9 @@ def train_caption_word_tokenizer(captions: Sequence[str], max_length: int = 48) 
 
 
 def make_evaluator_tokenizer(train_jsonl: str | Path | Sequence[str | Path], out_dir: str | Path, max_length: int = 48) -> Path:
-    """Train on a split's captions (one jsonl file or several) and ``save_pretrained`` to ``out_dir``
-    (once, in prepare_data)."""
-    out_dir = Path(out_dir)
-    if (out_dir / "tokenizer.json").exists():
-        return out_dir
-    files = [train_jsonl] if isinstance(train_jsonl, (str, Path)) else list(train_jsonl)
-    captions = [caption for file in files for caption in caption_corpus(file)]
-    if not captions:
-        raise ValueError(f"no captions in {', '.join(map(str, files))} to train the evaluator tokenizer on")
-    tokenizer = train_caption_word_tokenizer(captions, max_length)
-    tokenizer.save_pretrained(str(out_dir))
-    log.info("evaluator tokenizer: %d words from %d captions -> %s", len(tokenizer), len(captions), out_dir)
-    return out_dir
-    captions = caption_corpus(train_jsonl)
-    if not captions:
-        raise ValueError(f"no captions in {train_jsonl} to train the evaluator tokenizer on")
-    tokenizer = train_caption_word_tokenizer(captions, max_length)
-    tokenizer.save_pretrained(str(out_dir))
-    log.info("evaluator tokenizer: %d words from %d captions -> %s", len(tokenizer), len(captions), out_dir)
-    return out_dir
+    """The evaluator's word-level tokenizer, trained on a split's captions (one jsonl file or several)."""
+    return train_tokenizer_once(train_jsonl, out_dir, lambda captions: train_caption_word_tokenizer(captions, max_length),
+                                "evaluator tokenizer")
 
 
 # -- the evaluator network -----------------------------------------------------------------
