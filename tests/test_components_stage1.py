@@ -93,10 +93,10 @@ def test_vision_encoder_pooling_and_size_check():
     assert null.shape == (3, 4, 32) and torch.equal(null[0], enc(torch.zeros(1, 3, 32, 32))[0])
 
 
-def test_qwen_vl_backend_has_known_shape_but_is_marked_later_work():
-    enc = FrozenVisionEncoder(VisionEncoderConfig(backend="qwen_vl"))
-    assert (enc.num_tokens, enc.dim, enc.image_size) == (256, 4096, 448)
-    with pytest.raises(NotImplementedError, match="Qwen-VL"):
+def test_qwen_vl_backend_has_vit_g_shape_and_names_a_wrong_weights_path(tmp_path):
+    enc = FrozenVisionEncoder(VisionEncoderConfig(backend="qwen_vl", path=str(tmp_path / "nowhere")))
+    assert (enc.num_tokens, enc.dim, enc.image_size) == (256, 4096, 448)  # known without building the tower
+    with pytest.raises(FileNotFoundError, match="Qwen-VL-Chat folder"):
         enc(torch.zeros(1, 3, 448, 448))
 
 

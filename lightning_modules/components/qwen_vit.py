@@ -149,6 +149,7 @@ def read_qwen_visual_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_qwen_vit(path: str | Path, sizes: QwenViTSizes | None = None) -> QwenViT:
     """A :class:`QwenViT` of ``sizes`` with the released weights at ``path``, loaded strictly."""
+    state = read_qwen_visual_state(path)  # first: a wrong path fails before 1.9 B parameters are allocated
     model = QwenViT(sizes)
-    load_strictly(model, read_qwen_visual_state(path), f"{path} (a Qwen-VL ViT of sizes {model.sizes})")
+    load_strictly(model, state, f"{path} (a Qwen-VL ViT of sizes {model.sizes})")
     return model
