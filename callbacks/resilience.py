@@ -135,6 +135,10 @@ class DamagedCheckpointError(RuntimeError):
     """A checkpoint that cannot be read (truncated by a crash or a full disk, or corrupted)."""
 
 
+# what torch.load / distributed checkpoint reading raise for a truncated or corrupted checkpoint
+CHECKPOINT_READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
 def earlier_checkpoints(path: Path) -> list[Path]:
     """The other checkpoints beside ``path`` (files or sharded folders), newest first."""
     siblings = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve() and not p.name.endswith(".partial")]
@@ -160,7 +164,7 @@ def guard_checkpoint_loading(trainer: L.Trainer) -> None:
             return load(checkpoint_path, *args, **kwargs)
         except FileNotFoundError:
             raise
-        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        except CHECKPOINT_READ_ERRORS as err:
             raise DamagedCheckpointError(damaged_checkpoint_message(checkpoint_path, err)) from err
 
     strategy.load_checkpoint = load_checkpoint

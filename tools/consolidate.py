@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pickle
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import torch
 
-from callbacks.resilience import DamagedCheckpointError, damaged_checkpoint_message
+from callbacks.resilience import CHECKPOINT_READ_ERRORS, DamagedCheckpointError, damaged_checkpoint_message
 from tools.cli import cli_main
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         return _read_checkpoint(path)
     except (FileNotFoundError, DamagedCheckpointError):
         raise
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+    except CHECKPOINT_READ_ERRORS as err:
         raise DamagedCheckpointError(damaged_checkpoint_message(path, err)) from err
 
 
