@@ -22,6 +22,7 @@ It sits in the bottom package because every layer reads exports (the metrics rea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -104,6 +105,17 @@ def load_tensors(directory: str | Path, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error type for a damaged header or body
         raise ValueError(f"{path} cannot be read ({err}): the file is damaged; {REEXPORT}") from err
+
+
+def jsonable(value: Any) -> Any:
+    """A module's settings (dataclasses, tuples) as plain JSON values for ``export.json``."""
+    if dataclasses.is_dataclass(value):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

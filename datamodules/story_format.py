@@ -20,13 +20,14 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
 
 from datamodules.images import FrameViews
 from datamodules.sequence import StorySample, StorySequence, Supervise, layout_story, pad_stories
-from datamodules.tokenizer import StoryTokens, load_story_tokenizer, make_tiny_tokenizer
+from datamodules.tokenizer import STEP_SEPARATOR, StoryTokens, load_story_tokenizer, make_tiny_tokenizer
 
 
 @dataclass
@@ -40,6 +41,10 @@ class StoryFormatConfig:
     num_queries: int = 64  # Q, the image slots of a frame (``<img_00000>`` ...)
     supervise: Supervise = "last"  # see datamodules.sequence
     max_length: int = 1280  # token budget; longer samples lose whole leading steps (counted)
+    # a later step's separator and caption: ``separate`` encodings, or ``joined``, the one string
+    # "[INST]" + caption the released agent was trained on (Llama's tokenizer then gives the
+    # caption's first word other ids than alone: "Mia" is "▁Mia" alone, "M" "ia" after "]")
+    prompt: Literal["separate", "joined"] = "separate"
 
 
 class StoryFormat:
@@ -100,6 +105,19 @@ class StoryFormat:
     def caption_ids(self, caption: str) -> list[int]:
         return self.tokenizer(caption, add_special_tokens=False)["input_ids"]
 
+    def step_caption_ids(self, caption: str, first: bool) -> list[int]:
+        """The caption's ids as they follow its step's opening (BOS, or the separator's ids).
+
+        ``prompt: joined`` encodes separator and caption as one string and keeps what follows
+        the separator's ids; should a tokenizer merge the two (no such prefix), the caption is
+        encoded alone, so a step always opens with the same ids, which generation feeds."""
+        if first or self.config.prompt == "separate":
+            return self.caption_ids(caption)
+        joined, separator = self.caption_ids(STEP_SEPARATOR + caption), self.tokens.separator
+        if joined[: len(separator)] == separator:
+            return joined[len(separator):]
+        return self.caption_ids(caption)
+
     def decode_text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
@@ -107,7 +125,7 @@ class StoryFormat:
 
     def encode(self, captions: Sequence[str]) -> StorySample:
         """One story (a caption per frame) laid out within the token budget (in the workers)."""
-        ids = [self.caption_ids(c) for c in captions]
+        ids = [self.step_caption_ids(c, first=j == 0) for j, c in enumerate(captions)]
         return layout_story(ids, self.tokens, self.config.supervise, self.config.max_length)
 
     def collate(self, samples: list[StorySample]) -> StorySequence:

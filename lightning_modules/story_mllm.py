@@ -26,15 +26,17 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from datamodules.batch import batch_size
-from datamodules.exports import load_tensors, prefixed, read_export, save_tensors, writing_export
+from datamodules.exports import jsonable, load_tensors, prefixed, read_export, save_tensors, writing_export
 from datamodules.sequence import IGNORE_INDEX, StorySequence
 from datamodules.story_format import StoryFormat, StoryFormatConfig
+from datamodules.tokenizer import load_story_tokenizer
 from lightning_modules.components import sharding, story_llm
 from lightning_modules.components.context_blur import blur_toward_story_mean
 from lightning_modules.components.resamplers import ResamplerConfig, build_resampler, resampler_config_from_dict
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
+from lightning_modules.components.strict_load import load_strictly, state_mismatch
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,10 @@ class StoryMLLMModule(L.LightningModule):
             sharp. Generation reads back its own regressed features, which regression to the mean
             has blurred (a character half-faded where it might have moved); trained on such input,
             the model restores them instead of fading a little more at every step.
+        init_from: a stage-2 export (this project's, or a released agent converted by
+            ``python -m tools.convert agent``) whose weights the run starts from: its LoRA adapter
+            with the modules trained whole (or its whole LLM when trained without LoRA) and its
+            resamplers, loaded strictly into the model these settings build.
         export_dir: where ``save_mllm`` writes at the end of ``fit`` (None: not written).
         fsdp: sharding switches used under ``ModelParallelStrategy`` (mixed precision, checkpointing).
     """
@@ -98,6 +104,7 @@ class StoryMLLMModule(L.LightningModule):
         queries_from_previous: bool = False,
         context_blur: float = 0.0,
         gradient_checkpointing: bool = False,
+        init_from: str | None = None,
         export_dir: str | None = None,
         fsdp: FSDPSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -118,6 +125,9 @@ class StoryMLLMModule(L.LightningModule):
         self.queries_from_previous = queries_from_previous
         self.context_blur = context_blur
         self.gradient_checkpointing = gradient_checkpointing
+        if init_from is not None:
+            read_export(init_from, EXPORT_KIND)  # a wrong path fails here, before anything is built
+        self.init_from = init_from
         self.export_dir = export_dir
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -156,6 +166,8 @@ class StoryMLLMModule(L.LightningModule):
         if self.lora is not None:
             model = story_llm.add_lora(model, self.lora)
         self.llm = model
+        if self.init_from is not None:
+            start_from_export(self, self.init_from)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
             # forward() calls the embeddings, the decoder stack and the head one by one, so each is
             # its own FSDP unit, and the module itself is the root (its forward runs first)
@@ -304,7 +316,7 @@ def save_mllm(module: StoryMLLMModule, out_dir: str | Path) -> Path:
     the resamplers as safetensors, and the module's settings in ``export.json``.
     """
     module.ensure_built()
-    config = _jsonable({k: v for k, v in module.hparams.items() if k not in ("export_dir", "fsdp")})
+    config = jsonable({k: v for k, v in module.hparams.items() if k not in ("export_dir", "fsdp", "init_from")})
     with writing_export(out_dir, EXPORT_KIND, config) as tmp:
         module.llm.save_pretrained(str(tmp / ("llm_adapter" if module.lora is not None else "llm")))
         module.story_format.tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -359,11 +371,29 @@ def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> Sto
     return module.to(device).eval()
 
 
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return _jsonable(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+def start_from_export(module: StoryMLLMModule, export_dir: str | Path) -> None:
+    """Load a stage-2 export's trained weights into a freshly built module (``init_from``)."""
+    root, _ = _read_export(export_dir)
+    exported = load_story_tokenizer(root / "tokenizer", module.num_queries).get_vocab()
+    if exported != module.story_format.tokenizer.get_vocab():
+        raise ValueError(f"init_from {root}: its tokenizer numbers tokens unlike story_format.tokenizer "
+                         f"({module.story_format.config.tokenizer}); point story_format.tokenizer at {root / 'tokenizer'}")
+    if (root / "llm_adapter").is_dir() != (module.lora is not None):
+        raise ValueError(f"init_from {root} holds {'an llm_adapter/' if module.lora is None else 'a whole llm/'}: set `lora:` "
+                         "to match (LoRA settings for an adapter, null for a whole LLM)")
+    if module.lora is not None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        weights = load_peft_weights(str(root / "llm_adapter"), device="cpu")
+        problems = state_mismatch(get_peft_model_state_dict(module.llm), weights)
+        if problems:
+            raise ValueError(f"init_from {root / 'llm_adapter'} does not fit the LoRA these settings build: " + "; ".join(problems))
+        set_peft_model_state_dict(module.llm, weights)
+    else:
+        trained = story_llm.build_llm(LLMSpec(path=str(root / "llm")))
+        load_strictly(module.llm, trained.state_dict(), f"init_from {root / 'llm'}")
+    state = load_tensors(root, RESAMPLERS_FILE)
+    for name in ("input_resampler", "output_resampler"):
+        load_strictly(getattr(module, name), prefixed(state, name), f"init_from {root / RESAMPLERS_FILE} ({name}.*)")
+    log.info("stage 2 starts from %s", root)

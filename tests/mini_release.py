@@ -116,3 +116,124 @@ def write_released_detokenizer(path: Path, unet: torch.nn.Module, adapter: torch
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return state
+
+
+# -- the agent: a Llama under peft-0.4 LoRA, its tokenizer, the two resamplers ----------------
+
+MINI_CAPTIONS = [
+    "Mia walks to the park with her red kite.", "Leo and Mia eat apples under the big tree.",
+    "The dog runs home before the rain.", "Mia finds a small blue box in the garden.",
+    "Leo opens the box and a bird flies out.", "They wave goodbye as the sun goes down.",
+]
+MINI_LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
+MINI_LORA = dict(r=4, alpha=8)  # scale 2, as the release's r 16 / alpha 32
+MINI_AGENT_QUERIES = 4  # Q: a 2 x 2 grid of slots per frame
+MINI_AGENT_TOKENS = 16  # N ViT tokens per frame (a 4 x 4 grid), of the LLM's width as in the release
+PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+NORMS = ["input_layernorm", "post_attention_layernorm"]
+
+
+def write_llama_tokenizer(folder: Path, added: list[str] | None = None) -> Path:
+    """A Llama tokenizer folder as the slow ``LlamaTokenizer`` saved it: a SentencePiece
+    ``tokenizer.model`` (byte fallback, identity normalisation, whitespace kept, like Llama's) and,
+    with ``added``, those tokens numbered in the given order after the base vocabulary."""
+    import io
+
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(MINI_CAPTIONS * 20 + ["[INST]"] * 20), model_writer=model,
+                                   vocab_size=320, model_type="bpe", character_coverage=1.0, byte_fallback=True,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    base = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False, **specials}
+    if added:
+        (folder / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(added)}))
+        specials["additional_special_tokens"] = config["additional_special_tokens"] = list(added)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    return folder
+
+
+def write_mini_llama(folder: Path, seed: int = 0) -> Path:
+    """A ``Llama-2-7b-hf``-like folder: a tiny ``LlamaForCausalLM`` (``save_pretrained``) and its tokenizer."""
+    import sentencepiece as spm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    write_llama_tokenizer(folder)
+    vocab = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **MINI_LLAMA)).save_pretrained(folder)
+    return folder
+
+
+def write_released_agent(path: Path, base_folder: Path, tokenizer_folder: Path, with_base: bool = True,
+                         seed: int = 0) -> dict[str, torch.Tensor]:
+    """A released agent ``pytorch_model.bin`` over the mini Llama, its tokenizer with the story
+    tokens in a permuted order beside it (``tokenizer_folder``), written from the documented names:
+    ``llm.base_model.model.*`` with ``lora_A`` / ``lora_B`` (non-zero) on every projection, the
+    frozen projections (``with_base``), the norms as ``original_module`` + changed
+    ``modules_to_save.default``, the embeddings and head whole, ``inv_freq`` buffers; the resamplers."""
+    from safetensors.torch import load_file
+
+    from datamodules.tokenizer import IMG_END, IMG_START, image_slot_tokens
+    from lightning_modules.components.qwen_resampler import QwenResampler
+
+    g = torch.Generator().manual_seed(seed)
+    story = [IMG_START, IMG_END, *image_slot_tokens(MINI_AGENT_QUERIES)]
+    permuted = [story[i] for i in torch.randperm(len(story), generator=g).tolist()]
+    write_llama_tokenizer(tokenizer_folder, added=permuted)
+    base = load_file(base_folder / "model.safetensors")
+    width, vocab = MINI_LLAMA["hidden_size"], base["model.embed_tokens.weight"].shape[0] + len(story)
+    head_dim = width // MINI_LLAMA["num_attention_heads"]
+    inv_freq = 1.0 / MINI_LLAMA["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    llm = "llm.base_model.model."
+    state = {f"{llm}model.embed_tokens.weight": torch.randn(vocab, width, generator=g) * 0.5,
+             f"{llm}lm_head.weight": torch.randn(vocab, width, generator=g) / width**0.5}
+    for layer in range(MINI_LLAMA["num_hidden_layers"]):
+        stem = f"model.layers.{layer}."
+        for proj in PROJECTIONS:
+            weight = base[f"{stem}{proj}.weight"]
+            if with_base:
+                state[f"{llm}{stem}{proj}.weight"] = weight
+            state[f"{llm}{stem}{proj}.lora_A.default.weight"] = torch.randn(MINI_LORA["r"], weight.shape[1], generator=g) * 0.2
+            state[f"{llm}{stem}{proj}.lora_B.default.weight"] = torch.randn(weight.shape[0], MINI_LORA["r"], generator=g) * 0.2
+        for norm in NORMS:
+            weight = base[f"{stem}{norm}.weight"]
+            state[f"{llm}{stem}{norm}.original_module.weight"] = weight
+            state[f"{llm}{stem}{norm}.modules_to_save.default.weight"] = weight + 0.3 * torch.randn(weight.shape, generator=g)
+        state[f"{llm}{stem}self_attn.rotary_emb.inv_freq"] = inv_freq
+    state[f"{llm}model.norm.original_module.weight"] = base["model.norm.weight"]
+    state[f"{llm}model.norm.modules_to_save.default.weight"] = base["model.norm.weight"] + 0.3 * torch.randn(width, generator=g)
+    for name, grid in (("input_resampler", 2), ("output_resampler", 4)):  # 16 ViT tokens -> 4 slots -> 16 features
+        with torch.device("meta"):
+            resampler = QwenResampler(grid, width, num_heads=4, kv_dim=width)
+        tensors = random_state(resampler, seed + grid)  # pos_embed too: it must be read from the file
+        tensors["ln_q.weight"], tensors["ln_kv.weight"] = (1 + 0.3 * torch.randn(width, generator=g) for _ in range(2))
+        state.update({f"{name}.{k}": v for k, v in tensors.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+def mini_agent_args(base: Path) -> list[str]:
+    """The real stage-2 config at miniature widths over the mini Llama folder: only paths and sizes differ."""
+    return [*MINI_AGENT_ARGS, f"--model.init_args.llm.path={base}", f"--model.init_args.llm.config={base / 'config.json'}",
+            f"--model.init_args.story_format.tokenizer={base}"]
+
+
+MINI_AGENT_ARGS = [
+    f"--model.init_args.story_format.num_queries={MINI_AGENT_QUERIES}",
+    "--model.init_args.input_resampler={kind: qwen, heads: 4}", "--model.init_args.output_resampler={kind: qwen, heads: 4}",
+    f"--model.init_args.lora.r={MINI_LORA['r']}", f"--model.init_args.lora.alpha={MINI_LORA['alpha']}",
+    "--model.init_args.gradient_checkpointing=false",
+    *[f"--model.init_args.vision_encoder.{k}={v}" for k, v in dict(
+        path="null", image_size=56, patch_size=14, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+        output_dim=MINI_LLAMA["hidden_size"], num_queries=MINI_AGENT_TOKENS).items()],
+]

@@ -1,8 +1,19 @@
 """Convert released SEED-Story checkpoints into this project's export formats.
 
+    python -m tools.convert agent --release pretrained/SEED-Story/Agent_7B_George/pytorch_model.bin \\
+        --tokenizer pretrained/SEED-Story/cvlm_llama2_tokenizer \\
+        --config configs/seed_story/data.yaml --config configs/seed_story/stage2_mllm.yaml \\
+        --out runs/seed_story_stage2/export
     python -m tools.convert detokenizer --release pretrained/SEED-Story/detokenizer_george/pytorch_model.bin \\
         --config configs/seed_story/data.yaml --config configs/seed_story/stage1_detokenizer.yaml \\
         --out runs/seed_story_stage1/export
+
+``agent``: a released agent ``pytorch_model.bin`` (SEED-Story-George, or SEED-X-pretrained, where
+SEED-Story's stage 2 starts): the stage-2 module the configs describe is built over Llama-2-7b
+from its ``llm.path``, the LoRA, norms, embeddings, head and resamplers of the file take their
+places (:mod:`lightning_modules.components.released_agent`: vocabulary rows matched to the
+released tokenizer by string), and the stage-2 export is written: what stage 3, generation and
+``init_from`` read.
 
 ``detokenizer``: a released de-tokenizer ``pytorch_model.bin`` (pretrained or George-adapted) holds
 ``unet.*`` (diffusers SD-XL names, the tensors that training changed, e.g. every attention's
@@ -22,11 +33,11 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from datamodules.exports import prefixed
+from lightning_modules.components.released_agent import load_released_agent, vocabulary_rows
 from lightning_modules.components.strict_load import load_strictly, state_mismatch
 from tools.consolidate import build_module
 
@@ -42,6 +53,25 @@ def read_release(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat state dict of tensors")
     return state
+
+
+def convert_agent(release: str | Path, tokenizer: str | Path, configs: list[str], out: str | Path,
+                  overrides: list[str] | None = None) -> Path:
+    """The stage-2 export of a released agent over the Llama base the configs name."""
+    from transformers import AutoTokenizer
+
+    state = read_release(release)
+    if not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"{tokenizer} is not a folder: point --tokenizer at the released cvlm_llama2_tokenizer")
+    module = build_module(configs, overrides or [])
+    if not hasattr(module, "story_format") or not hasattr(module, "input_resampler"):
+        raise ValueError(f"{configs} do not describe the stage-2 MLLM: use configs/seed_story/stage2_mllm.yaml")
+    released_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    rows = vocabulary_rows(module.story_format.tokenizer, released_tokenizer, str(tokenizer), module.num_queries)
+    load_released_agent(module, state, rows, str(release))
+    path = module.export(out)
+    log.info("converted %s (%d tensors; vocabulary matched by string to %s) -> %s", release, len(state), tokenizer, path)
+    return Path(path)
 
 
 def convert_detokenizer(release: str | Path, configs: list[str], out: str | Path, overrides: list[str] | None = None) -> Path:
@@ -70,14 +100,21 @@ def convert_detokenizer(release: str | Path, configs: list[str], out: str | Path
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
+    agent = sub.add_parser("agent", help="a released agent pytorch_model.bin -> a stage-2 export")
+    agent.add_argument("--release", required=True, help="the released pytorch_model.bin")
+    agent.add_argument("--tokenizer", required=True, help="the released tokenizer folder (cvlm_llama2_tokenizer)")
+    agent.add_argument("--config", action="append", required=True, help="the stage-2 configs (in order)")
+    agent.add_argument("--out", required=True, help="export folder to write")
     det = sub.add_parser("detokenizer", help="a released de-tokenizer pytorch_model.bin -> a stage-1 export")
     det.add_argument("--release", required=True, help="the released pytorch_model.bin")
     det.add_argument("--config", action="append", required=True, help="the stage-1 configs (in order), e.g. configs/seed_story/...")
     det.add_argument("--out", required=True, help="export folder to write")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO)
-    converters: dict[str, Any] = {"detokenizer": convert_detokenizer}
-    path = converters[args.what](args.release, args.config, args.out, overrides)
+    if args.what == "agent":
+        path = convert_agent(args.release, args.tokenizer, args.config, args.out, overrides)
+    else:
+        path = convert_detokenizer(args.release, args.config, args.out, overrides)
     print(f"export written to {path}")
 
 

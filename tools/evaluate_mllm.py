@@ -55,7 +55,7 @@ class BigramModel:
 def caption_stream(module: StoryMLLMModule, caption: str) -> list[int]:
     """``[INST] caption <img>``: the tokens a step's text is scored on (after the separator)."""
     tokens = module.story_format.tokens
-    return [*tokens.separator, *module.story_format.caption_ids(caption), tokens.img_start]
+    return [*tokens.separator, *module.story_format.step_caption_ids(caption, first=False), tokens.img_start]
 
 
 def named_characters(caption: str) -> set[str]:

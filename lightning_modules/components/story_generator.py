@@ -223,8 +223,8 @@ class StoryGenerator:
 
     def _feed_frame(self, context: _LLMContext, caption: str, features: torch.Tensor, frame: int) -> None:
         """A complete context step: opening (BOS or separator), caption, ``<img>``, Q context slots, ``</img>``."""
-        tokens = self.format.tokens
-        context.feed_ids(tokens.step_opening(first=len(context) == 0) + self.format.caption_ids(caption) + [tokens.img_start])
+        tokens, first = self.format.tokens, len(context) == 0
+        context.feed_ids(tokens.step_opening(first) + self.format.step_caption_ids(caption, first) + [tokens.img_start])
         context.log.roles[-1], context.log.frames[-1] = sink.IMG_START, frame
         self.close_image(context, features, frame)
 
@@ -245,7 +245,7 @@ class StoryGenerator:
         tokens = self.format.tokens
         hidden = [context.feed_ids(tokens.step_opening(first=False))]
         if given is not None:
-            ids = self.format.caption_ids(given)
+            ids = self.format.step_caption_ids(given, first=False)
             if ids:
                 hidden.append(context.feed_ids(ids))
         else:
@@ -264,9 +264,10 @@ class StoryGenerator:
         tokens, settings = self.format.tokens, self.settings.decode
         head = self.mllm.base_llm.lm_head
         stop = (tokens.img_start, tokens.eos)
+        never = (*tokens.slots, tokens.img_end)  # image tokens are never text (as the released agent masks them)
         ids: list[int] = []
         for _ in range(settings.max_new_tokens):
-            banned = stop if len(ids) < settings.min_new_tokens else ()
+            banned = (*never, *stop) if len(ids) < settings.min_new_tokens else never
             token = pick_token(head(hidden[-1]), settings, generator, banned)
             if token in stop:
                 break
