@@ -47,6 +47,7 @@ from lightning_modules.components.sdxl_adapter import (
 )
 from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.storyboard import comparison_grid
+from lightning_modules.components.strict_load import load_strictly
 from lightning_modules.components.unet import TrainUNet, UNetSpec, build_unet, merged_unet_copy, select_trainable
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
@@ -77,6 +78,8 @@ class DetokenizerModule(L.LightningModule):
         val_inference_steps: cheaper sampling during validation (None: ``num_inference_steps``).
         lpips_backbone: local torchvision AlexNet weights for LPIPS (else the labelled random-net fallback).
         fsdp: sharding switches used under ``ModelParallelStrategy`` (mixed precision, checkpointing).
+        init_from: a stage-1 export to start from (e.g. the released pretrained de-tokenizer, converted
+            by ``python -m tools.convert detokenizer``): its ``unet/`` replaces ``unet``'s source, its adapter loads strictly.
         export_dir: where :meth:`save_detokenizer` writes at the end of ``fit`` (stage 3 starts from it).
         sample_seed: seed of the validation sampling noise (same frames, same noise, every epoch).
     """
@@ -100,6 +103,7 @@ class DetokenizerModule(L.LightningModule):
         val_inference_steps: int | None = None,
         lpips_backbone: str | None = None,
         sample_seed: int = 0,
+        init_from: str | None = None,
         export_dir: str | None = None,
         fsdp: FSDPSettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -111,6 +115,10 @@ class DetokenizerModule(L.LightningModule):
         self.vision_encoder = FrozenVisionEncoder(self.vision_config)
         # the resampler reads the encoder's tokens: its input width is the encoder's, never written twice
         self.adapter_config = dataclasses.replace(adapter, resampler=dataclasses.replace(adapter.resampler, input_dim=self.vision_encoder.dim))
+        self.init_from = init_from
+        if init_from is not None:  # a wrong folder fails here, before anything is built
+            read_export(init_from, EXPORT_KIND)
+            unet = UNetSpec(path=str(init_from), subfolder="unet")
         self.unet_spec = unet
         self.noise_spec = noise or NoiseSpec()
         self.vae_path = vae_path
@@ -155,16 +163,17 @@ class DetokenizerModule(L.LightningModule):
         spatial = self.adapter_config.spatial_channels
         io = (latent + self.position_channels + spatial, latent) if latent is not None else None
         self.unet = build_unet(self.unet_spec, self.adapter_config.cross_attention_dim, self.adapter_config.pooled_dim, io)
+        if self.init_from is not None:
+            load_strictly(self.adapter, load_tensors(self.init_from, ADAPTER_FILE), f"{self.init_from}/{ADAPTER_FILE}")
         trainable = select_trainable(self.unet, self.train_unet, lora_rank=self.lora_rank)
         log.info("UNet: %d trainable tensors (train_unet=%s)", len(trainable), self.train_unet)
         if not self.unet_spec.meta_init:
             want_in, want_out = self.codec.channels + self.position_channels + spatial, self.codec.channels
             if (self.unet.config.in_channels, self.unet.config.out_channels) != (want_in, want_out):
-                raise ValueError(
-                    f"the UNet takes {self.unet.config.in_channels} and gives {self.unet.config.out_channels} channels, but "
-                    f"the codec has {self.codec.channels} latent channels, position_channels={self.position_channels} and "
-                    f"adapter.spatial_channels={spatial}: set unet in_channels={want_in} and out_channels={want_out}"
-                )
+                raise ValueError(f"the UNet takes {self.unet.config.in_channels} and gives {self.unet.config.out_channels} "
+                                 f"channels, but the codec has {self.codec.channels} latent channels, position_channels="
+                                 f"{self.position_channels} and adapter.spatial_channels={spatial}: set unet in_channels="
+                                 f"{want_in} and out_channels={want_out}")
             if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
                 sharding.shard(sharding.unet_units(self.unet) + [self.adapter], [self.unet], self.device_mesh, self.fsdp)
             if self.ema_decay is not None:
@@ -312,17 +321,8 @@ class DetokenizerModule(L.LightningModule):
         cond = self.conditioning(features, time_ids)
         uncond = self.conditioning(self.vision_encoder.null_features(n), time_ids) if guidance > 1.0 else None
         h, w = (int(s) // self.codec.downscale for s in target_size[0])
-        latents = sample_latents(
-            self.unet,
-            cond,
-            uncond,
-            self.sampler(),
-            (n, self.codec.channels, h, w),
-            num_inference_steps or self.num_inference_steps,
-            guidance,
-            generator,
-            self.position_channels,
-        )
+        latents = sample_latents(self.unet, cond, uncond, self.sampler(), (n, self.codec.channels, h, w),
+                                 num_inference_steps or self.num_inference_steps, guidance, generator, self.position_channels)
         return self.codec.decode(latents.to(self.dtype)).float().clamp(-1, 1)
 
     @torch.no_grad()
@@ -383,7 +383,8 @@ def load_detokenizer(directory: str | Path, **overrides: Any) -> DetokenizerModu
     kwargs: dict[str, Any] = dict(
         vision_encoder=VisionEncoderConfig(**spec["vision_encoder"]),
         adapter=adapter_config_from_dict(spec["adapter"]),
-        unet=UNetSpec(path=str(directory), subfolder="unet"),
+        unet=UNetSpec(),  # init_from: the export's own unet/
+        init_from=str(directory),
         vae_path=spec["vae_path"],
         pixel_patch=spec["pixel_patch"],
         position_channels=spec["position_channels"],
@@ -394,5 +395,4 @@ def load_detokenizer(directory: str | Path, **overrides: Any) -> DetokenizerModu
     )
     module = DetokenizerModule(**(kwargs | overrides))
     module.configure_model()
-    module.adapter.load_state_dict(load_tensors(directory, ADAPTER_FILE))
     return module
