@@ -125,11 +125,12 @@ MINI_CAPTIONS = [
     "The dog runs home before the rain.", "Mia finds a small blue box in the garden.",
     "Leo opens the box and a bird flies out.", "They wave goodbye as the sun goes down.",
 ]
-MINI_LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+# the LLM's width is the mini ViT-G's output width, as in the release (4096 both): no kv projection in the resamplers
+MINI_LLAMA = dict(hidden_size=MINI_QWEN.output_dim, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                   rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=512)
 MINI_LORA = dict(r=4, alpha=8)  # scale 2, as the release's r 16 / alpha 32
 MINI_AGENT_QUERIES = 4  # Q: a 2 x 2 grid of slots per frame
-MINI_AGENT_TOKENS = 16  # N ViT tokens per frame (a 4 x 4 grid), of the LLM's width as in the release
+MINI_AGENT_TOKENS = MINI_QWEN.num_queries  # N ViT tokens per frame (a 4 x 4 grid)
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 NORMS = ["input_layernorm", "post_attention_layernorm"]
@@ -194,7 +195,7 @@ def write_released_agent(path: Path, base_folder: Path, tokenizer_folder: Path, 
     head_dim = width // MINI_LLAMA["num_attention_heads"]
     inv_freq = 1.0 / MINI_LLAMA["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim)
     llm = "llm.base_model.model."
-    state = {f"{llm}model.embed_tokens.weight": torch.randn(vocab, width, generator=g) * 0.5,
+    state = {f"{llm}model.embed_tokens.weight": torch.randn(vocab, width, generator=g) * 0.02,
              f"{llm}lm_head.weight": torch.randn(vocab, width, generator=g) / width**0.5}
     for layer in range(MINI_LLAMA["num_hidden_layers"]):
         stem = f"model.layers.{layer}."
@@ -202,8 +203,9 @@ def write_released_agent(path: Path, base_folder: Path, tokenizer_folder: Path, 
             weight = base[f"{stem}{proj}.weight"]
             if with_base:
                 state[f"{llm}{stem}{proj}.weight"] = weight
-            state[f"{llm}{stem}{proj}.lora_A.default.weight"] = torch.randn(MINI_LORA["r"], weight.shape[1], generator=g) * 0.2
-            state[f"{llm}{stem}{proj}.lora_B.default.weight"] = torch.randn(weight.shape[0], MINI_LORA["r"], generator=g) * 0.2
+            # B A of the size of W itself: the LoRA visibly changes every projection, activations stay sane
+            state[f"{llm}{stem}{proj}.lora_A.default.weight"] = torch.randn(MINI_LORA["r"], weight.shape[1], generator=g) / weight.shape[1] ** 0.5
+            state[f"{llm}{stem}{proj}.lora_B.default.weight"] = torch.randn(weight.shape[0], MINI_LORA["r"], generator=g) * 0.01
         for norm in NORMS:
             weight = base[f"{stem}{norm}.weight"]
             state[f"{llm}{stem}{norm}.original_module.weight"] = weight
@@ -232,8 +234,5 @@ MINI_AGENT_ARGS = [
     f"--model.init_args.story_format.num_queries={MINI_AGENT_QUERIES}",
     "--model.init_args.input_resampler={kind: qwen, heads: 4}", "--model.init_args.output_resampler={kind: qwen, heads: 4}",
     f"--model.init_args.lora.r={MINI_LORA['r']}", f"--model.init_args.lora.alpha={MINI_LORA['alpha']}",
-    "--model.init_args.gradient_checkpointing=false",
-    *[f"--model.init_args.vision_encoder.{k}={v}" for k, v in dict(
-        path="null", image_size=56, patch_size=14, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
-        output_dim=MINI_LLAMA["hidden_size"], num_queries=MINI_AGENT_TOKENS).items()],
+    "--model.init_args.gradient_checkpointing=false", *MINI_VISION_ARGS,
 ]

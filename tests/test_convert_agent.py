@@ -26,9 +26,9 @@ from tests.mini_release import (
     MINI_LORA,
     NORMS,
     PROJECTIONS,
+    mini_agent_args,
     write_llama_tokenizer,
     write_mini_llama,
-    mini_agent_args,
     write_released_agent,
 )
 from tests.test_qwen_vit import reference_resampler

@@ -1,0 +1,126 @@
+"""The released weights, end to end: convert the miniature release, then generate and fine-tune every stage.
+
+The configs are the real ones (``configs/seed_story/``); the arguments below change only paths,
+widths and run lengths (CPU, fp32, a few steps). What runs is the real module classes on the
+converted exports: ``train.py predict`` writes stories, and stages 1, 2 and 3 each fit a few steps
+starting from the released weights (``init_from`` for stages 1 and 2; stage 3 reads both exports).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules import synthetic
+from lightning_modules.components.perceiver import PerceiverConfig
+from lightning_modules.components.sdxl_adapter import SDXLAdapter, SDXLAdapterConfig
+from tests.mini_release import (
+    MINI_ADAPTER_ARGS,
+    MINI_QWEN,
+    MINI_VISION_ARGS,
+    mini_agent_args,
+    write_mini_llama,
+    write_mini_sdxl,
+    write_qwen_vit_pt,
+    write_released_agent,
+    write_released_detokenizer,
+)
+from tools.cli import cli_main, config_command
+from tools.convert import convert_agent, convert_detokenizer
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = "configs/seed_story/data.yaml"
+SIZE = 32  # the mini SD-XL's native resolution
+ADAPTER = SDXLAdapterConfig(layout="seed_story", proj_dims=(24, 40), pooled_dim=40, pool_heads=4,
+                            resampler=PerceiverConfig(input_dim=MINI_QWEN.output_dim, dim=32, depth=2, heads=4, dim_head=8,
+                                                      num_queries=9, ff_mult=2))
+CPU_RUN = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
+           "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+WARMUP = "--model.init_args.scheduler.init_args.warmup_steps=1"  # the real warm-ups outlast two steps
+SHORT_FIT = [*CPU_RUN, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
+             "--trainer.check_val_every_n_epoch=1", "--trainer.num_sanity_val_steps=0", "--trainer.accumulate_grad_batches=1",
+             "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from diffusers import UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("released")
+    files = synthetic.generate(root / "world", 8, 0, (SIZE, SIZE))
+    world = files["train"].parent
+    data = [f"--data.init_args.train_files={files['train']}", f"--data.init_args.val_files={files['val']}",
+            f"--data.init_args.test_files={files['test']}", f"--data.init_args.image_root={world / 'images'}",
+            f"--data.init_args.image_size=[{SIZE}, {SIZE}]"]
+    vit = [f"--model.init_args.vision_encoder.path={root / 'qwen_vit_G.pt'}"]  # the mini ViT-G, in the extracted layout
+    write_qwen_vit_pt(root / "qwen_vit_G.pt")
+    sdxl = write_mini_sdxl(root / "stable-diffusion-xl-base-1.0")
+    base_unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
+    write_released_detokenizer(root / "detokenizer.bin", base_unet, SDXLAdapter(ADAPTER))
+    stage1 = [*MINI_VISION_ARGS, *vit, *MINI_ADAPTER_ARGS, f"--model.init_args.unet.path={sdxl}", f"--model.init_args.vae_path={sdxl}"]
+    detokenizer = convert_detokenizer(root / "detokenizer.bin", [DATA, "configs/seed_story/stage1_detokenizer.yaml"],
+                                      root / "detokenizer_export", stage1)
+    llama = write_mini_llama(root / "Llama-2-7b-hf")
+    write_released_agent(root / "agent.bin", llama, root / "cvlm_llama2_tokenizer")
+    stage2 = [*mini_agent_args(llama), *vit]
+    mllm = convert_agent(root / "agent.bin", root / "cvlm_llama2_tokenizer", [DATA, "configs/seed_story/stage2_mllm.yaml"],
+                         root / "mllm_export", stage2)
+    return dict(root=root, data=data, stage1=stage1, stage2=stage2, detokenizer=detokenizer, mllm=mllm)
+
+
+def _run(config: str, *args: str):
+    return cli_main([*config_command(ROOT / config), *args])
+
+
+def test_predict_writes_stories_from_the_converted_release(converted, tmp_path):
+    c = converted
+    _run("configs/seed_story/generate.yaml", *CPU_RUN, *c["data"],
+         f"--model.init_args.detokenizer_dir={c['detokenizer']}", f"--model.init_args.mllm_dir={c['mllm']}",
+         "--model.init_args.evaluator_dir=null", "--model.init_args.generation.steps=2",
+         "--model.init_args.generation.num_inference_steps=2", "--model.init_args.generation.decode.max_new_tokens=6",
+         f"--data.init_args.predict_files={c['data'][1].split('=', 1)[1]}", "--trainer.limit_predict_batches=1",
+         f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.output_dir={tmp_path}")
+    stories = sorted(tmp_path.rglob("story.json"))
+    assert stories, "no story written"
+    story = json.loads(stories[0].read_text())
+    assert len(story["frames"]) == len(story["captions"]) == 3  # the start frame and two generated steps
+    assert story["given"] == [True, False, False] and all(story["captions"][1:])  # written by the agent
+
+
+def test_stage1_fine_tunes_from_the_released_detokenizer(converted, tmp_path):
+    c = converted
+    cli = _run("configs/seed_story/stage1_detokenizer.yaml", *SHORT_FIT, *c["data"], *c["stage1"],
+               f"--model.init_args.init_from={c['detokenizer']}", f"--trainer.default_root_dir={tmp_path}",
+               "--model.init_args.export_dir=null")
+    assert cli.trainer.global_step == 2
+    released = torch.load(c["root"] / "detokenizer.bin", weights_only=True)
+    adapter = cli.model.adapter.state_dict()
+    change = max(float((adapter[k] - v).abs().max()) for k, v in released.items() if k.startswith("resampler."))
+    assert 0 < change < 1e-2  # two steps away from the released adapter
+
+
+def test_stage2_fine_tunes_from_the_converted_agent(converted, tmp_path):
+    c = converted
+    cli = _run("configs/seed_story/stage2_mllm.yaml", *SHORT_FIT, *c["data"], *c["stage2"],
+               f"--model.init_args.init_from={c['mllm']}", f"--trainer.default_root_dir={tmp_path}",
+               "--model.init_args.export_dir=null", "--data.init_args.max_images=3", WARMUP)
+    assert cli.trainer.global_step == 2
+    released = torch.load(c["root"] / "agent.bin", weights_only=True)
+    key = "model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    trained = dict(cli.model.llm.named_parameters())[f"base_model.model.{key}"].detach()
+    assert torch.allclose(trained, released[f"llm.base_model.model.{key}"], atol=1e-2)  # started from the file's LoRA
+
+
+def test_stage3_adapts_the_released_detokenizer_to_the_converted_agent(converted, tmp_path):
+    c = converted
+    cli = _run("configs/seed_story/stage3_adaptation.yaml", *SHORT_FIT, *c["data"],
+               f"--model.init_args.detokenizer_dir={c['detokenizer']}", f"--model.init_args.mllm_dir={c['mllm']}",
+               "--model.init_args.generation.steps=2", "--model.init_args.generation.num_inference_steps=2",
+               f"--trainer.default_root_dir={tmp_path}", "--model.init_args.export_dir=null", "--data.init_args.max_images=3",
+               WARMUP)
+    assert cli.trainer.global_step == 2
