@@ -28,8 +28,9 @@ from tests.mini_release import (
     write_released_agent,
     write_released_detokenizer,
 )
+from tools import convert
 from tools.cli import cli_main, config_command
-from tools.convert import convert_agent, convert_detokenizer
+from tools.convert import convert_detokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +69,10 @@ def converted(tmp_path_factory):
     llama = write_mini_llama(root / "Llama-2-7b-hf")
     write_released_agent(root / "agent.bin", llama, root / "cvlm_llama2_tokenizer")
     stage2 = [*mini_agent_args(llama), *vit]
-    mllm = convert_agent(root / "agent.bin", root / "cvlm_llama2_tokenizer", [DATA, "configs/seed_story/stage2_mllm.yaml"],
-                         root / "mllm_export", stage2)
+    # the README's command line
+    convert.main(["agent", "--release", str(root / "agent.bin"), "--tokenizer", str(root / "cvlm_llama2_tokenizer"),
+                  "--config", DATA, "--config", "configs/seed_story/stage2_mllm.yaml", "--out", str(root / "mllm_export"), *stage2])
+    mllm = root / "mllm_export"
     return dict(root=root, data=data, stage1=stage1, stage2=stage2, detokenizer=detokenizer, mllm=mllm)
 
 
