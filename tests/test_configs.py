@@ -81,6 +81,16 @@ def test_print_config(path, capsys):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=str)
+def test_a_run_root_given_on_the_command_line_moves_every_folder_under_it(path, capsys):
+    subcommand, *configs = config_command(str(path))
+    with pytest.raises(SystemExit):
+        cli_main([subcommand, "--print_config", *configs, "--trainer.default_root_dir=/elsewhere/run"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert model.get("export_dir", "/elsewhere/run/export") == "/elsewhere/run/export"
+    assert model.get("output_dir", "/elsewhere/run") == "/elsewhere/run"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=str)
 def test_a_config_alone_still_parses(path, capsys):
     subcommand = config_command(str(path))[0]
     with pytest.raises(SystemExit) as exit_info:

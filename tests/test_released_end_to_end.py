@@ -87,7 +87,7 @@ def test_predict_writes_stories_from_the_converted_release(converted, tmp_path):
          "--model.init_args.evaluator_dir=null", "--model.init_args.generation.steps=2",
          "--model.init_args.generation.num_inference_steps=2", "--model.init_args.generation.decode.max_new_tokens=6",
          f"--data.init_args.predict_files={c['data'][1].split('=', 1)[1]}", "--trainer.limit_predict_batches=1",
-         f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.output_dir={tmp_path}")
+         f"--trainer.default_root_dir={tmp_path}")
     stories = sorted(tmp_path.rglob("story.json"))
     assert stories, "no story written"
     story = json.loads(stories[0].read_text())

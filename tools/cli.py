@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -139,6 +139,11 @@ class StoryCLI(LightningCLI):
         return trainer
 
 
+# interpolations (``${trainer.default_root_dir}/export``) resolve after the command line is merged, so
+# ``--trainer.default_root_dir`` moves every folder under it; written absolute, read under the subcommand
+set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+
+
 def cli_main(args: ArgsType = None, run: bool = True) -> StoryCLI:
     return StoryCLI(
         subclass_mode_model=True,
@@ -146,7 +151,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> StoryCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [DataHealthCallback(), RNGStateCallback(), NonFiniteGuard()]},
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         args=args,
         run=run,
     )
