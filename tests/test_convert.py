@@ -1,6 +1,6 @@
 """A released de-tokenizer converts into the stage-1 export, strictly, and predicts as the release would.
 
-The release here is a miniature in the released layout (``tests/mini_release.py``): SD-XL base as a
+The release here is a miniature in the released layout (``tools/mini_pretrained.py``): SD-XL base as a
 diffusers folder, and a ``pytorch_model.bin`` with changed ``to_k`` / ``to_v`` and the adapter.
 The expected noise prediction is computed apart from the project's loaders: diffusers' own UNet
 from the base folder with the released tensors copied in by name, fed the adapter's documented
@@ -12,23 +12,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.components.perceiver import PerceiverConfig
-from lightning_modules.components.sdxl_adapter import SDXLAdapter, SDXLAdapterConfig, sdxl_time_ids
+from lightning_modules.components.sdxl_adapter import SDXLAdapter, sdxl_time_ids
 from lightning_modules.detokenizer import load_detokenizer
-from tests.mini_release import (
+from tests.test_seed_story_adapter import reference
+from tools.convert import convert_detokenizer
+from tools.mini_pretrained import (
     MINI_ADAPTER_ARGS,
     MINI_QWEN,
     MINI_VISION_ARGS,
+    mini_adapter_config,
     write_mini_sdxl,
     write_released_detokenizer,
 )
-from tests.test_seed_story_adapter import reference
-from tools.convert import convert_detokenizer
 
 CONFIGS = ["configs/seed_story/data.yaml", "configs/seed_story/stage1_detokenizer.yaml"]
-ADAPTER = SDXLAdapterConfig(layout="seed_story", proj_dims=(24, 40), pooled_dim=40, pool_heads=4,
-                            resampler=PerceiverConfig(input_dim=MINI_QWEN.output_dim, dim=32, depth=2, heads=4, dim_head=8,
-                                                      num_queries=9, ff_mult=2))
+ADAPTER = mini_adapter_config()  # what MINI_ADAPTER_ARGS give the real config
 
 
 @pytest.fixture(scope="module")

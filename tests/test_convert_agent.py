@@ -1,6 +1,6 @@
 """A released agent converts into the stage-2 export strictly and computes what the release computes.
 
-The release is a miniature in the released layout (``tests/mini_release.py``): a Llama-2-like folder
+The release is a miniature in the released layout (``tools/mini_pretrained.py``): a Llama-2-like folder
 (tiny ``LlamaForCausalLM`` + SentencePiece tokenizer) and an agent ``pytorch_model.bin`` with
 peft-0.4 names, non-zero ``lora_B``, changed norms, ``inv_freq`` buffers and a tokenizer whose story
 tokens are numbered in a permuted order. The expected values are computed apart from the project's
@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.story_mllm import load_mllm
-from tests.mini_release import (
+from tests.test_qwen_vit import reference_resampler
+from tools.convert import convert_agent
+from tools.mini_pretrained import (
     MINI_AGENT_QUERIES,
     MINI_AGENT_TOKENS,
     MINI_CAPTIONS,
@@ -31,8 +33,6 @@ from tests.mini_release import (
     write_mini_llama,
     write_released_agent,
 )
-from tests.test_qwen_vit import reference_resampler
-from tools.convert import convert_agent
 
 CONFIGS = ["configs/seed_story/data.yaml", "configs/seed_story/stage2_mllm.yaml"]
 LLM = "llm.base_model.model."

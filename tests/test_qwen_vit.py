@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning_modules.components.qwen_resampler import sincos_2d
 from lightning_modules.components.qwen_vit import QwenViT, load_qwen_vit, read_qwen_visual_state
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
-from tests.mini_release import MINI_QWEN, write_qwen_vit_pt, write_qwen_vl_chat
+from tools.mini_pretrained import MINI_QWEN, write_qwen_vit_pt, write_qwen_vl_chat
 
 
 def _layer_norm(x, weight, bias, eps):
@@ -161,7 +161,7 @@ def test_fixed_positions_follow_the_released_layout():
 def test_the_mllm_resampler_loads_released_names_and_computes_the_documented_math(tokens, kv_dim):
     """SEED-Story's MLLM resamplers: LayerNorm eps 1e-5, no kv projection when the widths agree."""
     from lightning_modules.components.qwen_resampler import QwenResampler
-    from tests.mini_release import random_state
+    from tools.mini_pretrained import random_state
 
     resampler = QwenResampler(grid=2, embed_dim=256, num_heads=2, kv_dim=kv_dim, norm_eps=1e-5)
     released = random_state(resampler, seed=3)

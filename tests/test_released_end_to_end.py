@@ -15,31 +15,16 @@ import pytest
 import torch
 
 from datamodules import synthetic
-from lightning_modules.components.perceiver import PerceiverConfig
-from lightning_modules.components.sdxl_adapter import SDXLAdapter, SDXLAdapterConfig
-from tests.mini_release import (
-    MINI_ADAPTER_ARGS,
-    MINI_QWEN,
-    MINI_VISION_ARGS,
-    mini_agent_args,
-    write_mini_llama,
-    write_mini_sdxl,
-    write_qwen_vit_pt,
-    write_released_agent,
-    write_released_detokenizer,
-)
 from tools import convert
 from tools.cli import cli_main, config_command
 from tools.convert import convert_detokenizer
+from tools.mini_pretrained import mini_overrides, write_mini_pretrained
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "configs/seed_story/data.yaml"
 SIZE = 32  # the mini SD-XL's native resolution
-ADAPTER = SDXLAdapterConfig(layout="seed_story", proj_dims=(24, 40), pooled_dim=40, pool_heads=4,
-                            resampler=PerceiverConfig(input_dim=MINI_QWEN.output_dim, dim=32, depth=2, heads=4, dim_head=8,
-                                                      num_queries=9, ff_mult=2))
 CPU_RUN = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
            "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 WARMUP = "--model.init_args.scheduler.init_args.warmup_steps=1"  # the real warm-ups outlast two steps
@@ -50,30 +35,22 @@ SHORT_FIT = [*CPU_RUN, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
     root = tmp_path_factory.mktemp("released")
     files = synthetic.generate(root / "world", 8, 0, (SIZE, SIZE))
     world = files["train"].parent
     data = [f"--data.init_args.train_files={files['train']}", f"--data.init_args.val_files={files['val']}",
             f"--data.init_args.test_files={files['test']}", f"--data.init_args.image_root={world / 'images'}",
             f"--data.init_args.image_size=[{SIZE}, {SIZE}]"]
-    vit = [f"--model.init_args.vision_encoder.path={root / 'qwen_vit_G.pt'}"]  # the mini ViT-G, in the extracted layout
-    write_qwen_vit_pt(root / "qwen_vit_G.pt")
-    sdxl = write_mini_sdxl(root / "stable-diffusion-xl-base-1.0")
-    base_unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
-    write_released_detokenizer(root / "detokenizer.bin", base_unet, SDXLAdapter(ADAPTER))
-    stage1 = [*MINI_VISION_ARGS, *vit, *MINI_ADAPTER_ARGS, f"--model.init_args.unet.path={sdxl}", f"--model.init_args.vae_path={sdxl}"]
-    detokenizer = convert_detokenizer(root / "detokenizer.bin", [DATA, "configs/seed_story/stage1_detokenizer.yaml"],
-                                      root / "detokenizer_export", stage1)
-    llama = write_mini_llama(root / "Llama-2-7b-hf")
-    write_released_agent(root / "agent.bin", llama, root / "cvlm_llama2_tokenizer")
-    stage2 = [*mini_agent_args(llama), *vit]
+    pretrained = write_mini_pretrained(root / "pretrained")  # the folders a user has, in their formats
+    args = mini_overrides(root / "pretrained")
+    detokenizer = convert_detokenizer(pretrained["detokenizer"], [DATA, "configs/seed_story/stage1_detokenizer.yaml"],
+                                      root / "detokenizer_export", args["stage1"])
     # the README's command line
-    convert.main(["agent", "--release", str(root / "agent.bin"), "--tokenizer", str(root / "cvlm_llama2_tokenizer"),
-                  "--config", DATA, "--config", "configs/seed_story/stage2_mllm.yaml", "--out", str(root / "mllm_export"), *stage2])
-    mllm = root / "mllm_export"
-    return dict(root=root, data=data, stage1=stage1, stage2=stage2, detokenizer=detokenizer, mllm=mllm)
+    convert.main(["agent", "--release", str(pretrained["agent"]), "--tokenizer", str(pretrained["tokenizer"]),
+                  "--config", DATA, "--config", "configs/seed_story/stage2_mllm.yaml", "--out", str(root / "mllm_export"),
+                  *args["stage2"]])
+    return dict(root=root, data=data, stage1=args["stage1"], stage2=args["stage2"], detokenizer=detokenizer,
+                mllm=root / "mllm_export", pretrained=pretrained)
 
 
 def _run(config: str, *args: str):
@@ -101,7 +78,7 @@ def test_stage1_fine_tunes_from_the_released_detokenizer(converted, tmp_path):
                f"--model.init_args.init_from={c['detokenizer']}", f"--trainer.default_root_dir={tmp_path}",
                "--model.init_args.export_dir=null")
     assert cli.trainer.global_step == 2
-    released = torch.load(c["root"] / "detokenizer.bin", weights_only=True)
+    released = torch.load(c["pretrained"]["detokenizer"], weights_only=True)
     adapter = cli.model.adapter.state_dict()
     change = max(float((adapter[k] - v).abs().max()) for k, v in released.items() if k.startswith("resampler."))
     assert 0 < change < 1e-2  # two steps away from the released adapter
@@ -113,7 +90,7 @@ def test_stage2_fine_tunes_from_the_converted_agent(converted, tmp_path):
                f"--model.init_args.init_from={c['mllm']}", f"--trainer.default_root_dir={tmp_path}",
                "--model.init_args.export_dir=null", "--data.init_args.max_images=3", WARMUP)
     assert cli.trainer.global_step == 2
-    released = torch.load(c["root"] / "agent.bin", weights_only=True)
+    released = torch.load(c["pretrained"]["agent"], weights_only=True)
     key = "model.layers.0.self_attn.q_proj.lora_B.default.weight"
     trained = dict(cli.model.llm.named_parameters())[f"base_model.model.{key}"].detach()
     assert torch.allclose(trained, released[f"llm.base_model.model.{key}"], atol=1e-2)  # started from the file's LoRA
@@ -127,3 +104,18 @@ def test_stage3_adapts_the_released_detokenizer_to_the_converted_agent(converted
                f"--trainer.default_root_dir={tmp_path}", "--model.init_args.export_dir=null", "--data.init_args.max_images=3",
                WARMUP)
     assert cli.trainer.global_step == 2
+
+
+def test_the_tool_writes_the_folders_a_user_has(tmp_path, capsys):
+    from tools import mini_pretrained
+
+    mini_pretrained.main([str(tmp_path / "pretrained_mini")])
+    written = {str(p.relative_to(tmp_path / "pretrained_mini")) for p in (tmp_path / "pretrained_mini").rglob("*") if p.is_file()}
+    for name in ["stable-diffusion-xl-base-1.0/unet/config.json", "stable-diffusion-xl-base-1.0/unet/diffusion_pytorch_model.safetensors",
+                 "stable-diffusion-xl-base-1.0/vae/config.json", "stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json",
+                 "Llama-2-7b-hf/config.json", "Llama-2-7b-hf/model.safetensors", "Llama-2-7b-hf/tokenizer.model",
+                 "Qwen-VL-Chat/model.safetensors.index.json", "qwen_vit_G.pt", "SEED-Story/Agent_7B_George/pytorch_model.bin",
+                 "SEED-Story/cvlm_llama2_tokenizer/tokenizer.model", "SEED-Story/cvlm_llama2_tokenizer/added_tokens.json",
+                 "SEED-Story/Detokenizer_George/pytorch_model.bin"]:
+        assert name in written, name
+    assert "--model.init_args.llm.path=" in capsys.readouterr().out  # the arguments for the real configs

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.sdxl_adapter import SDXLAdapter, SDXLAdapterConfig
-from tests.mini_release import random_state
+from tools.mini_pretrained import random_state
 
 MINI = SDXLAdapterConfig(layout="seed_story", proj_dims=(24, 40), pooled_dim=40, pool_heads=4,
                          resampler=PerceiverConfig(input_dim=48, dim=32, depth=2, heads=4, dim_head=8, num_queries=9, ff_mult=2))

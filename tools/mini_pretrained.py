@@ -1,9 +1,19 @@
-"""Miniature files in the layouts of the released SEED-Story inputs, with random asymmetric weights.
+"""Miniature pretrained folders in the real on-disk formats, with seeded random asymmetric weights.
 
-Nothing real is downloaded or shipped: each writer makes, at tiny widths, a file laid out as the
-release lays out its own (names, prefixes, shard index), so the loaders are tested on the real
-formats. Every tensor, LayerNorms and biases included, is random, so a weight that is dropped,
-transposed or read from the wrong place changes the output.
+    python -m tools.mini_pretrained pretrained_mini/
+
+writes what a user puts under ``pretrained/`` (the same folder and file names), at tiny widths:
+``stable-diffusion-xl-base-1.0/`` (diffusers ``unet/`` with SD-XL's block types and ``text_time``
+conditioning, ``vae/``, ``scheduler/``), ``Llama-2-7b-hf/`` (``config.json``, safetensors, a
+SentencePiece tokenizer), ``Qwen-VL-Chat/`` (``transformer.visual.*`` in shards with their index)
+and ``qwen_vit_G.pt``, and the SEED-Story release (the agent ``pytorch_model.bin`` with peft-0.4
+names, ``cvlm_llama2_tokenizer/``, a de-tokenizer ``pytorch_model.bin``). It prints the
+arguments that run each real config on them (:func:`mini_overrides`: paths and sizes only).
+
+Nothing real is downloaded or shipped: each writer makes a file laid out as the release lays out
+its own (names, prefixes, shard index), so the loaders are tested on the real formats. Every
+tensor, LayerNorms and biases included, is random, so a weight that is dropped, transposed or
+read from the wrong place changes the output.
 """
 
 from __future__ import annotations
@@ -72,13 +82,21 @@ def write_qwen_vl_chat(folder: Path, sizes: QwenViTSizes = MINI_QWEN, seed: int 
 
 # -- SD-XL base and a released de-tokenizer ----------------------------------------------------
 
-MINI_ADAPTER_ARGS = [  # the real stage-1 config at miniature widths (the released adapter's layout)
-    "--model.init_args.adapter.resampler.dim=32", "--model.init_args.adapter.resampler.depth=2",
-    "--model.init_args.adapter.resampler.heads=4", "--model.init_args.adapter.resampler.dim_head=8",
-    "--model.init_args.adapter.resampler.num_queries=9", "--model.init_args.adapter.resampler.output_dim=32",
-    "--model.init_args.adapter.resampler.ff_mult=2", "--model.init_args.adapter.proj_dims=[24, 40]",
-    "--model.init_args.adapter.pooled_dim=40", "--model.init_args.adapter.pool_heads=4",
-]
+# the real stage-1 adapter (the released layout) at miniature widths, and as arguments to the real config
+MINI_RESAMPLER = dict(dim=32, depth=2, heads=4, dim_head=8, num_queries=9, output_dim=32, ff_mult=2)
+MINI_ADAPTER = dict(proj_dims=[24, 40], pooled_dim=40, pool_heads=4)
+MINI_ADAPTER_ARGS = [*(f"--model.init_args.adapter.resampler.{k}={v}" for k, v in MINI_RESAMPLER.items()),
+                     *(f"--model.init_args.adapter.{k}={v}" for k, v in MINI_ADAPTER.items())]
+
+
+def mini_adapter_config():
+    """The :class:`SDXLAdapterConfig` that :data:`MINI_ADAPTER_ARGS` give the real stage-1 config."""
+    from lightning_modules.components.perceiver import PerceiverConfig
+    from lightning_modules.components.sdxl_adapter import SDXLAdapterConfig
+
+    return SDXLAdapterConfig(layout="seed_story", proj_dims=tuple(MINI_ADAPTER["proj_dims"]), pooled_dim=MINI_ADAPTER["pooled_dim"],
+                             pool_heads=MINI_ADAPTER["pool_heads"],
+                             resampler=PerceiverConfig(input_dim=MINI_QWEN.output_dim, **MINI_RESAMPLER))
 MINI_VISION_ARGS = [f"--model.init_args.vision_encoder.{k}={v}" for k, v in dict(
     path="null", image_size=MINI_QWEN.image_size, patch_size=MINI_QWEN.patch_size, hidden_size=MINI_QWEN.width,
     num_layers=MINI_QWEN.layers, num_heads=MINI_QWEN.heads, intermediate_size=MINI_QWEN.mlp_width,
@@ -88,7 +106,7 @@ MINI_VISION_ARGS = [f"--model.init_args.vision_encoder.{k}={v}" for k, v in dict
 def write_mini_sdxl(folder: Path, cross_attention_dim: int = 64, pooled_dim: int = 40, seed: int = 0) -> Path:
     """A ``stable-diffusion-xl-base-1.0``-like folder: a diffusers ``unet/`` with SD-XL's block types
     and ``text_time`` added conditioning, and a ``vae/``, both saved with ``save_pretrained``."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -103,6 +121,8 @@ def write_mini_sdxl(folder: Path, cross_attention_dim: int = 64, pooled_dim: int
                         norm_num_groups=8, sample_size=32, scaling_factor=0.13025)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                           timestep_spacing="leading").save_pretrained(folder / "scheduler")  # SD-XL base's
     return folder
 
 
@@ -236,3 +256,55 @@ MINI_AGENT_ARGS = [
     f"--model.init_args.lora.r={MINI_LORA['r']}", f"--model.init_args.lora.alpha={MINI_LORA['alpha']}",
     "--model.init_args.gradient_checkpointing=false", *MINI_VISION_ARGS,
 ]
+
+
+# -- the whole pretrained/ folder -------------------------------------------------------------
+
+def write_mini_pretrained(root: Path) -> dict[str, Path]:
+    """Every pretrained input of ``configs/seed_story/`` under ``root``, as ``pretrained/`` holds them."""
+    from diffusers import UNet2DConditionModel
+
+    from lightning_modules.components.sdxl_adapter import SDXLAdapter
+
+    root = Path(root)
+    paths = dict(sdxl=root / "stable-diffusion-xl-base-1.0", llama=root / "Llama-2-7b-hf", qwen=root / "Qwen-VL-Chat",
+                 vit=root / "qwen_vit_G.pt", agent=root / "SEED-Story" / "Agent_7B_George" / "pytorch_model.bin",
+                 tokenizer=root / "SEED-Story" / "cvlm_llama2_tokenizer",
+                 detokenizer=root / "SEED-Story" / "Detokenizer_George" / "pytorch_model.bin")
+    write_qwen_vl_chat(paths["qwen"])
+    write_qwen_vit_pt(paths["vit"])
+    write_mini_sdxl(paths["sdxl"])
+    write_released_detokenizer(paths["detokenizer"], UNet2DConditionModel.from_pretrained(paths["sdxl"], subfolder="unet"),
+                               SDXLAdapter(mini_adapter_config()))
+    write_mini_llama(paths["llama"])
+    write_released_agent(paths["agent"], paths["llama"], paths["tokenizer"])
+    return paths
+
+
+def mini_overrides(root: Path) -> dict[str, list[str]]:
+    """The arguments that run each real config on :func:`write_mini_pretrained`'s folders: paths and sizes only."""
+    root = Path(root)
+    vit = [*MINI_VISION_ARGS, f"--model.init_args.vision_encoder.path={root / 'Qwen-VL-Chat'}"]
+    sdxl = root / "stable-diffusion-xl-base-1.0"
+    return {
+        "stage1": [*vit, *MINI_ADAPTER_ARGS, f"--model.init_args.unet.path={sdxl}", f"--model.init_args.vae_path={sdxl}"],
+        "stage2": [*mini_agent_args(root / "Llama-2-7b-hf"), f"--model.init_args.vision_encoder.path={root / 'Qwen-VL-Chat'}"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="folder to write (e.g. pretrained_mini/)")
+    out = Path(parser.parse_args(argv).out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: remove it or choose another folder")
+    for name, path in write_mini_pretrained(out).items():
+        print(f"{name:12s} {path}")
+    for stage, args in mini_overrides(out).items():
+        print(f"\n{stage} (after the config's --config arguments):\n  " + " \\\n  ".join(args))
+
+
+if __name__ == "__main__":
+    main()
