@@ -14,6 +14,7 @@ from tests.test_storystream import bad_world  # noqa: F401  (fixture)
 
 def test_training_runs_through_bad_records_and_logs_skips(bad_world, tmp_path):  # noqa: F811
     path, root = bad_world
+    L.seed_everything(0)
     dm = StoryStreamDataModule(train_files=str(path), image_root=str(root), vit_image_size=16, image_size=16,
                                batch_size=2, num_workers=2)
     model = PixelMeanProbe()
@@ -24,7 +25,8 @@ def test_training_runs_through_bad_records_and_logs_skips(bad_world, tmp_path): 
     metrics = trainer.callback_metrics
     assert metrics["data/skipped_unreadable_image"] == 1  # per epoch: counted again each time it is met
     assert metrics["data/skipped_malformed_json"] == 1
-    assert model.losses[-1] < model.losses[0]
+    per_epoch = len(model.losses) // 3  # the last epoch's mean loss, not one batch's, against the first's
+    assert sum(model.losses[-per_epoch:]) < sum(model.losses[:per_epoch])
 
 
 @pytest.mark.distributed
