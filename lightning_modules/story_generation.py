@@ -6,7 +6,8 @@ batch) with the :class:`~lightning_modules.components.story_generator.StoryGener
 each into ``output_dir``: frames as PNG, ``story.json`` and ``storyboard.html``. With
 ``evaluator_dir``, every frame is also labelled by the evaluator (in ``story.json``) and
 ``retention.json`` gives, per step, how much of the start frame's cast and background the stories
-keep. ``test`` runs the visualization protocol of :mod:`evaluation.protocol` on the test split and
+keep; in the synthetic world, ``judge.json`` rates style, coherence and engagement exactly
+(:mod:`evaluation.judge`). ``test`` runs the visualization protocol of :mod:`evaluation.protocol` on the test split and
 writes ``metrics.json``.
 """
 
@@ -23,7 +24,9 @@ import torch
 from datamodules.batch import batch_size
 from datamodules.frozen import Frozen
 from datamodules.story_format import StoryFormat
+from datamodules.synthetic_world import BACKGROUND_NAMES
 from evaluation.evaluator import load_evaluator
+from evaluation.judge import judge_story, summarize
 from evaluation.protocol import metric_table, score_story, write_metrics
 from evaluation.retention import StartCastRetention, retention_table
 from evaluation.story_metrics import StoryMetrics
@@ -80,6 +83,7 @@ class StoryGenerationModule(L.LightningModule):
         self._retention: StartCastRetention | None = None  # during predict, when evaluator_dir is given
         self.labeller: Frozen | None = None  # the evaluator that labels predicted frames
         self.stories_written: list[Path] = []
+        self._judged: list[dict[str, list]] = []  # the judge's per-step reading of each story (this rank)
 
     def configure_model(self) -> None:
         if self.frozen_parts is not None:
@@ -108,7 +112,7 @@ class StoryGenerationModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         """With ``evaluator_dir``, label every frame of every story to measure what it keeps of its start."""
-        self._retention = None
+        self._retention, self._judged = None, []
         if self.evaluator_dir and Path(self.evaluator_dir).is_dir():
             self.labeller = Frozen(load_evaluator(self.evaluator_dir, self.device))
             self._retention = StartCastRetention(self.start_frames + self.generation.steps).to(self.device)
@@ -122,7 +126,11 @@ class StoryGenerationModule(L.LightningModule):
             info = {"story_id": batch["story_id"][row], **story.summary(),
                     "detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}
             if self._retention is not None:
-                info["evaluator_labels"] = self._label_story(story, batch, row)
+                info["evaluator_labels"] = labels = self._label_story(story, batch, row)
+                truth, background = batch["characters"][row], batch["background"][row]
+                if labels and truth is not None and background in BACKGROUND_NAMES:  # the synthetic world
+                    info["judge"] = judged = judge_story(story.captions, labels, truth[0], background)
+                    self._judged.append(judged)
             write_story(folder, f"story {batch['story_id'][row]}", story.captions,
                         [s.image for s in story.steps], [s.given for s in story.steps], info)
             self.stories_written.append(folder)
@@ -150,6 +158,24 @@ class StoryGenerationModule(L.LightningModule):
             path.write_text(json.dumps({name: value.tolist() for name, value in scores.items()} | {
                 "evaluator_dir": self.evaluator_dir, "detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}, indent=2))
             print(f"what the stories keep of their start frame ({path}):\n{retention_table(scores)}")
+        self._write_judgement()
+
+    def _write_judgement(self) -> None:
+        """``judge.json`` over every rank's stories, and its headline numbers to the loggers."""
+        judged = self._judged
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every: list[list] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, judged)
+            judged = [j for rank in every for j in rank]
+        if not judged or not self.trainer.is_global_zero:
+            return
+        summary = summarize(judged)
+        path = Path(self.output_dir) / "judge.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary | {"detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}, indent=2))
+        for logger in self.loggers:
+            logger.log_metrics({f"judge/{k}": v for k, v in summary.items() if isinstance(v, float)})
+        print(f"the judge ({path}): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
 
     # -- standalone evaluation -------------------------------------------------------------
 
