@@ -138,6 +138,19 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
         html = (folder / "storyboard.html").read_text()
         assert html.count("data:image/png;base64,") == 3 and "timings" in record
         assert len(record["evaluator_labels"]) == 3 and {"characters", "background"} <= set(record["evaluator_labels"][0])
+    # the judge: each story read step by step, and judge.json equal to the summary of those readings
+    from evaluation.judge import judge_story, summarize
+
+    readings = []
+    for folder in folders:
+        record = json.loads((folder / "story.json").read_text())
+        truth = json.loads(next(line for line in (tiny_world / "val.jsonl").read_text().splitlines()
+                                if str(json.loads(line)["id"]) == record["story_id"]))
+        expected = judge_story(record["captions"], record["evaluator_labels"], truth["characters"][0], truth["background"])
+        assert record["judge"] == expected
+        readings.append(expected)
+    judge = json.loads((tmp_path / "stories" / "judge.json").read_text())
+    assert {k: v for k, v in judge.items() if k not in ("detokenizer_dir", "mllm_dir")} == json.loads(json.dumps(summarize(readings)))
 
 
 def test_min_new_tokens_holds_back_the_stop_tokens():
@@ -164,16 +177,3 @@ def test_every_caption_has_min_new_tokens(tiny_world, exports):
     cached = [s.cached_tokens for s in story.steps[1:]]
     per_step = len(tokens.separator) + 6 + 1 + len(tokens.slots) + 1  # sep, caption, <img>, slots, </img>
     assert [b - a for a, b in zip(cached, cached[1:])] == [per_step] * (len(cached) - 1)
-    # the judge: each story read step by step, and judge.json equal to the summary of those readings
-    from evaluation.judge import judge_story, summarize
-
-    readings = []
-    for folder in folders:
-        record = json.loads((folder / "story.json").read_text())
-        truth = json.loads(next(line for line in (tiny_world / "val.jsonl").read_text().splitlines()
-                                if str(json.loads(line)["id"]) == record["story_id"]))
-        expected = judge_story(record["captions"], record["evaluator_labels"], truth["characters"][0], truth["background"])
-        assert record["judge"] == expected
-        readings.append(expected)
-    judge = json.loads((tmp_path / "stories" / "judge.json").read_text())
-    assert {k: v for k, v in judge.items() if k not in ("detokenizer_dir", "mllm_dir")} == json.loads(json.dumps(summarize(readings)))
