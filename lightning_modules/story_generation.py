@@ -129,6 +129,7 @@ class StoryGenerationModule(L.LightningModule):
                 info["evaluator_labels"] = labels = self._label_story(story, batch, row)
                 truth, background = batch["characters"][row], batch["background"][row]
                 if labels and truth is not None and background in BACKGROUND_NAMES:  # the synthetic world
+                    info["truth"] = {"start_characters": truth[0], "background": background}  # what the judge starts from
                     info["judge"] = judged = judge_story(story.captions, labels, truth[0], background)
                     self._judged.append(judged)
             write_story(folder, f"story {batch['story_id'][row]}", story.captions,

@@ -144,9 +144,11 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
     readings = []
     for folder in folders:
         record = json.loads((folder / "story.json").read_text())
-        truth = json.loads(next(line for line in (tiny_world / "val.jsonl").read_text().splitlines()
+        story = json.loads(next(line for line in (tiny_world / "val.jsonl").read_text().splitlines()
                                 if str(json.loads(line)["id"]) == record["story_id"]))
-        expected = judge_story(record["captions"], record["evaluator_labels"], truth["characters"][0], truth["background"])
+        truth = record["truth"]  # the start frame's true cast (of the chunk predict started from) and background
+        assert truth["start_characters"] in story["characters"] and truth["background"] == story["background"]
+        expected = judge_story(record["captions"], record["evaluator_labels"], truth["start_characters"], truth["background"])
         assert record["judge"] == expected
         readings.append(expected)
     judge = json.loads((tmp_path / "stories" / "judge.json").read_text())
