@@ -23,10 +23,11 @@ import torch
 
 from datamodules.batch import batch_size
 from datamodules.frozen import Frozen
+from datamodules.records import SkipCounter, read_jsonl
 from datamodules.story_format import StoryFormat
 from datamodules.synthetic_world import BACKGROUND_NAMES
 from evaluation.evaluator import load_evaluator
-from evaluation.judge import judge_story, summarize
+from evaluation.judge import distinct_share, judge_story, summarize
 from evaluation.protocol import metric_table, score_story, write_metrics
 from evaluation.retention import StartCastRetention, retention_table
 from evaluation.story_metrics import StoryMetrics
@@ -129,9 +130,10 @@ class StoryGenerationModule(L.LightningModule):
                 info["evaluator_labels"] = labels = self._label_story(story, batch, row)
                 truth, background = batch["characters"][row], batch["background"][row]
                 if labels and truth is not None and background in BACKGROUND_NAMES:  # the synthetic world
-                    info["truth"] = {"start_characters": truth[0], "background": background}  # what the judge starts from
+                    start = int(batch["frame_index"][row, 0])
+                    info["truth"] = {"start_characters": truth[0], "background": background, "start_frame": start}
                     info["judge"] = judged = judge_story(story.captions, labels, truth[0], background)
-                    self._judged.append(judged)
+                    self._judged.append({**judged, "story_id": batch["story_id"][row], "start_frame": start})
             write_story(folder, f"story {batch['story_id'][row]}", story.captions,
                         [s.image for s in story.steps], [s.given for s in story.steps], info)
             self.stories_written.append(folder)
@@ -171,12 +173,25 @@ class StoryGenerationModule(L.LightningModule):
         if not judged or not self.trainer.is_global_zero:
             return
         summary = summarize(judged)
+        real = self._real_distinct(judged)
+        if real is not None:  # the reference for "distinct": the true stories over the same frames
+            summary["real_distinct_consecutive"] = real
         path = Path(self.output_dir) / "judge.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary | {"detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}, indent=2))
         for logger in self.loggers:
             logger.log_metrics({f"judge/{k}": v for k, v in summary.items() if isinstance(v, float)})
         print(f"the judge ({path}): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
+
+    def _real_distinct(self, judged: list[dict]) -> float | None:
+        """How often the true captions change over the frames each judged story covers (jsonl predict files)."""
+        files = getattr(getattr(self.trainer, "datamodule", None), "files", {}).get("predict") or []
+        if not files or not all(str(f).endswith(".jsonl") for f in files):
+            return None
+        stories = {r.story_id: r.captions for f in files for r in read_jsonl(Path(f), 1, SkipCounter())}
+        spans = [stories[j["story_id"]][j["start_frame"]: j["start_frame"] + len(j["coherence"])]
+                 for j in judged if j["story_id"] in stories]
+        return distinct_share(spans) if spans else None
 
     # -- standalone evaluation -------------------------------------------------------------
 

@@ -139,9 +139,9 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
         assert html.count("data:image/png;base64,") == 3 and "timings" in record
         assert len(record["evaluator_labels"]) == 3 and {"characters", "background"} <= set(record["evaluator_labels"][0])
     # the judge: each story read step by step, and judge.json equal to the summary of those readings
-    from evaluation.judge import judge_story, summarize
+    from evaluation.judge import distinct_share, judge_story, summarize
 
-    readings = []
+    readings, spans = [], []
     for folder in folders:
         record = json.loads((folder / "story.json").read_text())
         story = json.loads(next(line for line in (tiny_world / "val.jsonl").read_text().splitlines()
@@ -151,7 +151,9 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
         expected = judge_story(record["captions"], record["evaluator_labels"], truth["start_characters"], truth["background"])
         assert record["judge"] == expected
         readings.append(expected)
+        spans.append(story["captions"][truth["start_frame"]: truth["start_frame"] + len(record["captions"])])
     judge = json.loads((tmp_path / "stories" / "judge.json").read_text())
+    assert judge.pop("real_distinct_consecutive") == pytest.approx(distinct_share(spans))  # the true stories, same frames
     assert {k: v for k, v in judge.items() if k not in ("detokenizer_dir", "mllm_dir")} == json.loads(json.dumps(summarize(readings)))
 
 
