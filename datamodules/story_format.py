@@ -42,8 +42,8 @@ class StoryFormatConfig:
     supervise: Supervise = "last"  # see datamodules.sequence
     max_length: int = 1280  # token budget; longer samples lose whole leading steps (counted)
     # a later step's separator and caption: ``separate`` encodings, or ``joined``, the one string
-    # "[INST]" + caption the released agent was trained on (Llama's tokenizer then gives the
-    # caption's first word other ids than alone: "Mia" is "▁Mia" alone, "M" "ia" after "]")
+    # "[INST]" + caption the released agent was trained on (with Llama's tokenizer the caption's
+    # first word then lacks its leading-space piece "▁", so it gets other ids than alone)
     prompt: Literal["separate", "joined"] = "separate"
 
 
