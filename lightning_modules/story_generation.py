@@ -23,7 +23,6 @@ import torch
 
 from datamodules.batch import batch_size
 from datamodules.frozen import Frozen
-from datamodules.records import SkipCounter, read_jsonl
 from datamodules.story_format import StoryFormat
 from datamodules.synthetic_world import BACKGROUND_NAMES
 from evaluation.evaluator import load_evaluator
@@ -179,16 +178,18 @@ class StoryGenerationModule(L.LightningModule):
         path = Path(self.output_dir) / "judge.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary | {"detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}, indent=2))
+        headline = {k: v for k, v in summary.items() if isinstance(v, float)}
         for logger in self.loggers:
-            logger.log_metrics({f"judge/{k}": v for k, v in summary.items() if isinstance(v, float)})
-        print(f"the judge ({path}): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
+            logger.log_metrics({f"judge/{k}": v for k, v in headline.items()})
+        print(f"the judge ({path}): " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items()))
 
     def _real_distinct(self, judged: list[dict]) -> float | None:
-        """How often the true captions change over the frames each judged story covers (jsonl predict files)."""
-        files = getattr(getattr(self.trainer, "datamodule", None), "files", {}).get("predict") or []
-        if not files or not all(str(f).endswith(".jsonl") for f in files):
+        """How often the true captions change over the frames each judged story covers (the predict
+        split's records, as the datamodule read them)."""
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get("predict")
+        if dataset is None:
             return None
-        stories = {r.story_id: r.captions for f in files for r in read_jsonl(Path(f), 1, SkipCounter())}
+        stories = {r.story_id: r.captions for r in dataset.stories}
         spans = [stories[j["story_id"]][j["start_frame"]: j["start_frame"] + len(j["coherence"])]
                  for j in judged if j["story_id"] in stories]
         return distinct_share(spans) if spans else None

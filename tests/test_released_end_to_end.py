@@ -49,7 +49,7 @@ def converted(tmp_path_factory):
     convert.main(["agent", "--release", str(pretrained["agent"]), "--tokenizer", str(pretrained["tokenizer"]),
                   "--config", DATA, "--config", "configs/seed_story/stage2_mllm.yaml", "--out", str(root / "mllm_export"),
                   *args["stage2"]])
-    return dict(root=root, data=data, stage1=args["stage1"], stage2=args["stage2"], detokenizer=detokenizer,
+    return dict(root=root, data=data, val_files=files["val"], stage1=args["stage1"], stage2=args["stage2"], detokenizer=detokenizer,
                 mllm=root / "mllm_export", pretrained=pretrained)
 
 
@@ -63,7 +63,7 @@ def test_predict_writes_stories_from_the_converted_release(converted, tmp_path):
          f"--model.init_args.detokenizer_dir={c['detokenizer']}", f"--model.init_args.mllm_dir={c['mllm']}",
          "--model.init_args.evaluator_dir=null", "--model.init_args.generation.steps=2",
          "--model.init_args.generation.num_inference_steps=2", "--model.init_args.generation.decode.max_new_tokens=6",
-         f"--data.init_args.predict_files={c['data'][1].split('=', 1)[1]}", "--trainer.limit_predict_batches=1",
+         f"--data.init_args.predict_files={c['val_files']}", "--trainer.limit_predict_batches=1",
          f"--trainer.default_root_dir={tmp_path}")
     stories = sorted(tmp_path.rglob("story.json"))
     assert stories, "no story written"

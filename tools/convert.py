@@ -99,16 +99,14 @@ def convert_detokenizer(release: str | Path, configs: list[str], out: str | Path
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)  # what every converter takes
+    common.add_argument("--release", required=True, help="the released pytorch_model.bin")
+    common.add_argument("--config", action="append", required=True, help="the stage's configs (in order), e.g. configs/seed_story/...")
+    common.add_argument("--out", required=True, help="export folder to write")
     sub = parser.add_subparsers(dest="what", required=True)
-    agent = sub.add_parser("agent", help="a released agent pytorch_model.bin -> a stage-2 export")
-    agent.add_argument("--release", required=True, help="the released pytorch_model.bin")
+    agent = sub.add_parser("agent", parents=[common], help="a released agent pytorch_model.bin -> a stage-2 export")
     agent.add_argument("--tokenizer", required=True, help="the released tokenizer folder (cvlm_llama2_tokenizer)")
-    agent.add_argument("--config", action="append", required=True, help="the stage-2 configs (in order)")
-    agent.add_argument("--out", required=True, help="export folder to write")
-    det = sub.add_parser("detokenizer", help="a released de-tokenizer pytorch_model.bin -> a stage-1 export")
-    det.add_argument("--release", required=True, help="the released pytorch_model.bin")
-    det.add_argument("--config", action="append", required=True, help="the stage-1 configs (in order), e.g. configs/seed_story/...")
-    det.add_argument("--out", required=True, help="export folder to write")
+    sub.add_parser("detokenizer", parents=[common], help="a released de-tokenizer pytorch_model.bin -> a stage-1 export")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO)
     if args.what == "agent":

@@ -71,13 +71,13 @@ def llm_state_from_release(release_llm: Mapping[str, torch.Tensor], llm: nn.Modu
     """The peft model's whole state dict with the released tensors in place (the base model's elsewhere)."""
     ours = llm.state_dict()
     state = dict(ours)
-    rotary = {name: buffer for name, buffer in llm.named_buffers() if name.endswith("rotary_emb.inv_freq")}
+    # the model's rotary frequencies (one buffer, shared by every layer), which the file's copies must equal
+    rotary = next((buffer for name, buffer in llm.named_buffers() if name.endswith("rotary_emb.inv_freq")), None)
     placed: set[str] = set()
     unexpected, wrong, other_base, other_rotary = [], [], [], []
     for key, value in release_llm.items():
         if key.endswith("rotary_emb.inv_freq"):  # a buffer the model computes; it must agree
-            expected = next(iter(rotary.values()), None)
-            if expected is None or expected.shape != value.shape or not torch.allclose(expected.float(), value.float(), rtol=1e-6):
+            if rotary is None or rotary.shape != value.shape or not torch.allclose(rotary.float(), value.float(), rtol=1e-6):
                 other_rotary.append(key)
             continue
         names = _our_names(key, ours)
