@@ -19,13 +19,17 @@ from torch import nn
 class Frozen(nn.Module):
     """Holds ``net`` frozen (no gradients, eval mode) and outside the module tree; see the module docstring."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, follow_owner: bool = True):
         super().__init__()
         object.__setattr__(self, "net", net.eval().requires_grad_(False))  # not registered as a child
+        # False: the owner's .to() / .half() leave ``net`` where it is (something else places it,
+        # e.g. offloaded generation, which moves each network to the GPU only while it works)
+        self.follow_owner = follow_owner
 
     def _apply(self, fn: Callable, recurse: bool = True) -> Frozen:
         super()._apply(fn, recurse)
-        self.net._apply(fn, recurse)
+        if self.follow_owner:
+            self.net._apply(fn, recurse)
         return self
 
     def train(self, mode: bool = True) -> Frozen:

@@ -54,7 +54,8 @@ class DetokenizerAdaptationModule(L.LightningModule):
         generation: story generation settings for validation decoding and the callbacks' stories.
         export_dir: where the adapted de-tokenizer is saved at the end of ``fit``.
         fsdp: sharding switches under ``ModelParallelStrategy``: the de-tokenizer's UNet blocks and
-            adapter are sharded; the frozen MLLM is placed on every rank (no gradients, no optimizer state).
+            adapter are sharded, and so is the frozen MLLM (its units as stage 2 makes them; no
+            gradients, so no activation checkpointing there).
     """
 
     def __init__(
@@ -79,6 +80,9 @@ class DetokenizerAdaptationModule(L.LightningModule):
         self.cond_dropout = cond_dropout
         self.val_images = val_images
         self.generation = generation or GenerationSettings()
+        if self.generation.offload:
+            raise ValueError("generation.offload is for story generation alone (StoryGenerationModule); stage 3 "
+                             "trains with both networks on the device: set generation.offload to false")
         self.export_dir = export_dir
         self.fsdp = fsdp or FSDPSettings()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -99,10 +103,14 @@ class DetokenizerAdaptationModule(L.LightningModule):
         self.detokenizer = load_detokenizer(self.detokenizer_dir, train_unet=self.train_unet, cond_dropout=self.cond_dropout)
         mllm = load_mllm(self.mllm_dir)
         mllm.story_format = self.story_format
-        self.frozen_mllm = Frozen(mllm).to(self.device)
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
             detok = self.detokenizer
             sharding.shard(sharding.unet_units(detok.unet) + [detok.adapter], [detok.unet], self.device_mesh, self.fsdp)
+            # the frozen MLLM too, before it reaches the device: each rank only ever holds its shard
+            # (no gradients or optimizer state; every rank runs the same forwards, as FSDP needs)
+            mllm.shard(self.device_mesh, FSDPSettings(mixed_precision=self.fsdp.mixed_precision,
+                                                      reshard_after_forward=self.fsdp.reshard_after_forward))
+        self.frozen_mllm = Frozen(mllm).to(self.device)
 
     # -- training -------------------------------------------------------------------------
 
@@ -171,7 +179,7 @@ class DetokenizerAdaptationModule(L.LightningModule):
 
     def story_generator(self, settings: GenerationSettings | None = None) -> StoryGenerator:
         self.configure_model()
-        return StoryGenerator(self.mllm, self.detokenizer.eval(), settings or self.generation)
+        return StoryGenerator(self.mllm, self.detokenizer.eval(), settings or self.generation, self.device)
 
     def generate_story(self, vit_pixels: torch.Tensor, captions: list[str], images: torch.Tensor | None = None,
                        given_captions: list[str] | None = None, settings: GenerationSettings | None = None) -> Story:

@@ -89,7 +89,8 @@ class StoryGenerationModule(L.LightningModule):
         if self.frozen_parts is not None:
             return
         parts = torch.nn.ModuleDict({"mllm": load_mllm(self.mllm_dir), "detokenizer": load_detokenizer(self.detokenizer_dir)})
-        self.frozen_parts = Frozen(parts).to(self.device)
+        # offload: the parts wait in CPU memory, and the generator brings each to the device in turn
+        self.frozen_parts = Frozen(parts, follow_owner=not self.generation.offload).to(self.device)
 
     @property
     def mllm(self) -> StoryMLLMModule:
@@ -103,7 +104,7 @@ class StoryGenerationModule(L.LightningModule):
 
     def story_generator(self, settings: GenerationSettings | None = None) -> StoryGenerator:
         self.configure_model()
-        return StoryGenerator(self.mllm, self.detokenizer, settings or self.generation)
+        return StoryGenerator(self.mllm, self.detokenizer, settings or self.generation, self.device)
 
     def generate_story(self, vit_pixels: torch.Tensor, captions: list[str], images: torch.Tensor | None = None,
                        given_captions: list[str] | None = None, settings: GenerationSettings | None = None) -> Story:

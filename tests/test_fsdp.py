@@ -180,3 +180,62 @@ def test_fsdp_run_killed_resumes_from_last_exactly_and_consolidates(tiny_world, 
 
     unets = [UNet2DConditionModel.from_pretrained(e, subfolder="unet").state_dict() for e in folders]
     assert _max_weight_difference(*unets) < 1e-5
+
+
+def _sharded_mllm_worker(rank: int, port: int, mllm_dir: str, batch: dict, out: str) -> None:
+    """One rank: the frozen stage-2 MLLM whole and sharded (as stage 3 holds it), on the same inputs."""
+    import os
+
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_modules.components.sharding import FSDPSettings
+    from lightning_modules.components.story_generator import GenerationSettings, StoryGenerator
+    from lightning_modules.story_mllm import exported_story_format, load_mllm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        story_format = exported_story_format(mllm_dir).replace(supervise="all")
+        settings = GenerationSettings(steps=4, draw_images=False)
+        results = {}
+        for name in ("whole", "sharded"):
+            mllm = load_mllm(mllm_dir)
+            mllm.story_format = story_format
+            if name == "sharded":
+                mllm.shard(init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), FSDPSettings())
+                assert all(type(p).__name__ == "DTensor" for p in mllm.parameters())  # nothing left whole
+            mllm.eval().requires_grad_(False)
+            with torch.no_grad():
+                features = mllm.forward_story(batch).predicted_features
+            story = StoryGenerator(mllm, None, settings).generate(batch["vit_pixels"][0, :1], batch["captions"][0][:1])
+            results[name] = {"features": features, "captions": story.captions,
+                             "story_features": torch.stack([s.features for s in story.steps])}
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_stage3_sharded_mllm_regresses_and_generates_as_one_process(tiny_world, exports, tmp_path):  # noqa: F811
+    """Stage 3's frozen MLLM under FSDP (2 ranks): teacher-forced regression and generation go through
+    the sharded units and give what the whole model gives (fp32)."""
+    import socket
+
+    import torch
+
+    from tests.test_stage3_generation import _stories_batch
+
+    batch = _stories_batch(tiny_world, n=2, frames=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sharded_mllm_worker, args=(port, str(exports / "stage2"), batch, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        whole, sharded = got["whole"], got["sharded"]
+        assert whole["features"].shape[0] == 6  # 2 stories x 3 frames after the first
+        torch.testing.assert_close(sharded["features"], whole["features"], atol=1e-5, rtol=0)
+        assert sharded["captions"] == whole["captions"] and len(whole["captions"]) == 5
+        torch.testing.assert_close(sharded["story_features"], whole["story_features"], atol=1e-5, rtol=0)

@@ -181,3 +181,50 @@ def test_every_caption_has_min_new_tokens(tiny_world, exports):
     cached = [s.cached_tokens for s in story.steps[1:]]
     per_step = len(tokens.separator) + 6 + 1 + len(tokens.slots) + 1  # sep, caption, <img>, slots, </img>
     assert [b - a for a, b in zip(cached, cached[1:])] == [per_step] * (len(cached) - 1)
+
+
+def test_offloaded_generation_is_the_same_story_with_one_network_on_the_device(tiny_world, exports, monkeypatch):
+    """``offload``: the story is written, then drawn, with only the working network on the execution
+    device. Here the device moves are recorded (CPU only), and the story must equal the plain path's."""
+    import dataclasses
+
+    from lightning_modules.components import placement
+    from lightning_modules.components.story_generator import StoryGenerator
+
+    module = _stage3(exports).eval()
+    batch = _stories_batch(tiny_world, n=1, frames=2)
+    start, caption = batch["vit_pixels"][0, :1], batch["captions"][0][:1]
+    plain = module.story_generator().generate(start, caption)
+    plain_reread = module.story_generator(dataclasses.replace(FAST, reencode_images=True)).generate(start, caption)
+
+    where: dict[int, str] = {}  # the recorded place of each network ("cpu" until moved)
+    monkeypatch.setattr(placement, "_device_of", lambda m: torch.device(where.get(id(m), "cpu")))
+    monkeypatch.setattr(placement, "_move", lambda m, device: where.__setitem__(id(m), device.type))
+    mllm, detok = module.mllm, module.detokenizer
+    working = []
+
+    def check(name, other, fn):
+        def wrapped(*args, **kwargs):
+            assert where.get(id(other), "cpu") == "cpu", f"{name} works while the other network is on the device"
+            assert where.get(id({"mllm": mllm, "detokenizer": detok}[name])) == "cuda"
+            working.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(detok, "decode", check("detokenizer", mllm, detok.decode))
+    monkeypatch.setattr(mllm.base_llm.model, "forward", check("mllm", detok, mllm.base_llm.model.forward))
+    generator = StoryGenerator(mllm, detok, dataclasses.replace(FAST, offload=True), device="cuda")
+    offloaded = generator.generate(start, caption)
+    assert offloaded.captions == plain.captions
+    for a, b in zip(plain.steps[1:], offloaded.steps[1:]):
+        torch.testing.assert_close(a.features, b.features, atol=0, rtol=0)
+        torch.testing.assert_close(a.image, b.image, atol=0, rtol=0)
+    # written whole, then drawn: each network moved to the device once
+    assert working.index("detokenizer") > max(i for i, n in enumerate(working) if n == "mllm")
+    assert generator.placement.moves == [("mllm", "device"), ("mllm", "cpu"), ("detokenizer", "device")]
+    # drawn images fed back (reencode_images): the two take turns every step, still the same story
+    turns = StoryGenerator(mllm, detok, dataclasses.replace(FAST, offload=True, reencode_images=True), device="cuda")
+    reread = turns.generate(start, caption)
+    assert reread.captions == plain_reread.captions
+    torch.testing.assert_close(reread.steps[-1].image, plain_reread.steps[-1].image, atol=0, rtol=0)
+    assert sum(1 for name, to in turns.placement.moves if name == "detokenizer" and to == "device") == 3  # one per step

@@ -51,6 +51,19 @@ def shard(units: list[nn.Module], roots: list[nn.Module], mesh, settings: FSDPSe
     return len(units)
 
 
+def begin(root: nn.Module) -> None:
+    """Make ``root`` the FSDP root before code calls its units one by one (story generation).
+
+    FSDP2 takes the first unit that runs forward as the root; generation never calls the root's
+    own ``forward``, so without this its first unit (the embeddings) would claim the role. A no-op
+    for a module that is not sharded.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(root, FSDPModule):
+        fully_shard.state(root)._lazy_init()  # what the root's first forward would do; idempotent
+
+
 def unet_units(unet: nn.Module) -> list[nn.Module]:
     """UNet FSDP units: every transformer block and resnet block (what holds the parameters)."""
     return [m for m in unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")]

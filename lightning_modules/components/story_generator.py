@@ -12,6 +12,10 @@ Context policies (``ContextPolicy.mode``):
   ``window_frames`` frames from scratch (no cache reuse).
 - ``sink``: the multimodal attention sink of :mod:`~lightning_modules.components.attention_sink`,
   cache reused across steps, evicted entries freed, positions kept contiguous.
+
+``GenerationSettings.offload`` fits one GPU: the MLLM writes the whole story, then the de-tokenizer
+draws it, each on the device only for its phase (:mod:`~lightning_modules.components.placement`);
+every frame keeps its own noise seed, so the story is the one the plain path draws.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import torch
 from transformers import DynamicCache
 
 from lightning_modules.components import attention_sink as sink
+from lightning_modules.components import sharding
 from lightning_modules.components.caption_decoding import DecodeSettings, pick_token
+from lightning_modules.components.placement import Placement
 
 
 @dataclass
@@ -46,6 +52,9 @@ class GenerationSettings:
     # pipeline it kept characters worse, see the README)
     reencode_images: bool = False
     draw_images: bool = True  # False: text and features only (benchmarks of the LLM part)
+    # one GPU: only the working network (MLLM or de-tokenizer) is on the device, the other in CPU
+    # memory; the story is written first, then drawn (the same story, see components/placement.py)
+    offload: bool = False
     seed: int = 0
 
 
@@ -130,11 +139,14 @@ class StoryGenerator:
     may be None when ``settings.draw_images`` is False (text and features only).
     """
 
-    def __init__(self, mllm, detokenizer=None, settings: GenerationSettings | None = None):
+    def __init__(self, mllm, detokenizer=None, settings: GenerationSettings | None = None,
+                 device: torch.device | str | None = None):
         self.mllm = mllm
         self.format = mllm.story_format
         self.detokenizer = detokenizer
         self.settings = settings or GenerationSettings()
+        # the execution device (default: where the MLLM is); with offload, each part goes there to work
+        self.placement = Placement({"mllm": mllm, "detokenizer": detokenizer}, device or mllm.device, self.settings.offload)
         scaling = getattr(mllm.base_llm.model.rotary_emb, "attention_scaling", 1.0)
         if self.settings.context.mode == "sink" and scaling != 1.0:
             raise ValueError("the attention sink re-rotates keys and supports only plain RoPE (attention_scaling 1)")
@@ -160,7 +172,9 @@ class StoryGenerator:
             raise ValueError("drawing images needs a de-tokenizer (or settings.draw_images=False)")
         n_steps = len(captions) if captions is not None else (steps or self.settings.steps)
         mllm = self.mllm
+        self.placement.use("mllm")
         mllm.ensure_built()
+        sharding.begin(mllm)
         features = mllm.vision_encoder(start_vit_pixels.to(mllm.device)).float()
         story = [StoryStep(c, f, start_images[i] if start_images is not None else None, True)
                  for i, (c, f) in enumerate(zip(start_captions, features))]
@@ -168,6 +182,8 @@ class StoryGenerator:
         policy = self.settings.context
         previous = story[-1].features  # the last frame as the model sees it (the residual base)
         context = None
+        # offload: the story does not read its images back, so it is written whole, then drawn
+        draw_later = self.settings.offload and self.settings.draw_images and not self.settings.reencode_images
         if policy.mode != "window":
             context = _LLMContext(mllm)
             for i, step in enumerate(story):
@@ -185,11 +201,10 @@ class StoryGenerator:
             llm_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             image = None
-            if self.settings.draw_images:
-                noise = torch.Generator().manual_seed(self.settings.seed * 100003 + frame)
-                image = self.detokenizer.decode(features[None].to(self.detokenizer.device), generator=noise,
-                                                num_inference_steps=self.settings.num_inference_steps,
-                                                guidance_scale=self.settings.guidance_scale)[0]
+            if self.settings.draw_images and not draw_later:
+                self.placement.use("detokenizer")
+                image = self.draw(features, frame)
+                self.placement.use("mllm")
             image_seconds = time.perf_counter() - t1
             t2 = time.perf_counter()
             previous = self._reencode(image) if self.settings.reencode_images and image is not None else features
@@ -199,7 +214,22 @@ class StoryGenerator:
             llm_seconds += time.perf_counter() - t2
             story.append(StoryStep(caption, features, image, False, llm_seconds, image_seconds,
                                    sink.cache_bytes(context.cache), len(context), previous))
+        if draw_later:
+            del context  # the KV cache is not needed to draw
+            self.placement.use("detokenizer")
+            for frame, step in enumerate(story):
+                if not step.given:
+                    t1 = time.perf_counter()
+                    step.image = self.draw(step.features, frame)
+                    step.image_seconds = time.perf_counter() - t1
         return Story(story, self.settings)
+
+    def draw(self, features: torch.Tensor, frame: int) -> torch.Tensor:
+        """The de-tokenizer's image of a frame's features, under the frame's own noise seed."""
+        noise = torch.Generator().manual_seed(self.settings.seed * 100003 + frame)
+        return self.detokenizer.decode(features[None].to(self.detokenizer.device), generator=noise,
+                                       num_inference_steps=self.settings.num_inference_steps,
+                                       guidance_scale=self.settings.guidance_scale)[0]
 
     def branch(self, start_vit_pixels: torch.Tensor, opening_texts: list[str], **kwargs) -> list[Story]:
         """One start image, several opening texts: one story each."""
@@ -209,7 +239,9 @@ class StoryGenerator:
     def next_caption(self, context_features: torch.Tensor, captions: list[str],
                      generator: torch.Generator | None = None) -> str:
         """The caption the MLLM writes after ``captions`` (one per context frame, features ``(n, N, D)``)."""
+        self.placement.use("mllm")
         self.mllm.ensure_built()
+        sharding.begin(self.mllm)
         context = _LLMContext(self.mllm)
         for i, (caption, features) in enumerate(zip(captions, context_features, strict=True)):
             self._feed_frame(context, caption, features, i)
