@@ -33,3 +33,29 @@ def test_replicated_frozen_parts_count_whole_on_every_gpu():
     gb = plan_memory.GB
     assert per_gpu["params"] * gb == (2_000 * 4 + 6_000 * 2) / 4 + 1_000 * 2
     assert per_gpu["working"] * gb == 2 * 100 * 2  # a replicated part is never gathered
+
+
+def test_cache_tokens_follow_each_context_policy():
+    from lightning_modules.components.attention_sink import SinkSettings
+
+    per_step, caption = 107, 40  # 40 caption tokens + 64 slots + 3 markers
+    sink = SinkSettings(start_tokens=4, before_image=4, image_head=8, image_tail=8, after_image=4, recent_tokens=1024,
+                        boundary_images=8)
+    dense = plan_memory.cache_tokens("dense", 50, per_step, caption, 8, sink)
+    assert dense == 51 * per_step  # the start frame and 50 steps, all kept
+    assert plan_memory.cache_tokens("window", 50, per_step, caption, 8, sink) == 9 * per_step
+    kept = plan_memory.cache_tokens("sink", 50, per_step, caption, 8, sink)
+    # bounded by the recent window, the start and each boundary image's head and tail, plus one new step
+    assert kept <= 4 + 1024 + 9 * (4 + 8 + 8 + 4) + per_step
+    assert kept == plan_memory.cache_tokens("sink", 200, per_step, caption, 8, sink)  # it stops growing
+
+
+@pytest.mark.slow
+def test_generation_plan_needs_offload_on_24_gb(capsys):
+    plan_memory.main(["--generation", "--gpu-mem", "24", "80"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith(("| dense", "| sink"))]
+    assert len(rows) == 2
+    for row in rows:
+        everything, offload = float(row[5]), float(row[6])
+        assert offload < 24 * 0.9 < everything  # only offloaded generation fits a 24 GB card
+        assert row[7] == "no / yes" and row[8].rstrip(" |") == "yes / yes"

@@ -6,9 +6,8 @@
 The config's model is built on the ``meta`` device (no weights are read). Per GPU, with every
 parameter fully sharded over the GPUs (FSDP / ZeRO-3):
 
-- parameters: trainable ones kept in fp32, frozen ones in the compute dtype (bf16); frozen parts
-  that live outside the sharded module tree (the ViT in every stage, stage 3's MLLM) are whole
-  on every GPU, as the modules place them;
+- parameters: trainable ones kept in fp32, frozen ones in the compute dtype (bf16); the frozen ViT
+  (every stage) is whole on every GPU, as the modules place it; stage 3's frozen MLLM is sharded;
 - gradients: fp32, trainable parameters only; optimizer: two fp32 AdamW moments per trainable;
 - working copy: the largest FSDP unit gathered unsharded in bf16 (twice, for prefetching);
 - activations: a meta-device forward pass with the config's batch shape, summing what every
@@ -16,7 +15,15 @@ parameter fully sharded over the GPUs (FSDP / ZeRO-3):
   only the inputs of each block plus one block's internals.
 
 Stage 3 is planned from the stage-1 and stage-2 configs (its de-tokenizer is stage 1's, its
-frozen MLLM stage 2's), with stage 3's choice of what trains.
+frozen MLLM stage 2's, sharded like stage 2's but without gradients), with stage 3's choice of
+what trains.
+
+``--generation`` plans one GPU generating a story (``configs/seed_story/generate.yaml``'s context
+policy, ``--story-steps`` steps, ``--caption-tokens`` per caption): the frozen MLLM, ViT, UNet +
+adapter and VAE in bf16, the KV cache at its largest over the story (the attention sink's size is
+found by running its eviction rule on the story's token layout), and the largest activation of
+one network at work (the UNet's with its CFG batch of 2, the VAE's decode, the LLM's prefill), for
+all networks on the GPU and for ``generation.offload`` (each network on the GPU only for its phase).
 """
 
 from __future__ import annotations
@@ -29,15 +36,18 @@ import torch
 import yaml
 from torch import nn
 
+from lightning_modules.components.attention_sink import IMG_END, IMG_START, SLOT, TEXT, SinkSettings, TokenLog, sink_keep_indices
 from lightning_modules.components.qwen_vit import QwenViT
 from tools.cli import cli_main, composed_yaml, config_command
 
 GB = 1024**3
+SDXL_VAE_CONFIG = Path(__file__).parents[1] / "lightning_modules" / "components" / "sdxl_vae_config.json"
 STAGES = {
     "stage1": "configs/seed_story/stage1_detokenizer.yaml",
     "stage2": "configs/seed_story/stage2_mllm.yaml",
     "stage3": "configs/seed_story/stage3_adaptation.yaml",
 }
+GENERATE = "configs/seed_story/generate.yaml"
 CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
 
 
@@ -53,6 +63,8 @@ class Part:
     checkpointed_activation_bytes: int
     core: tuple[str, int] = ("", 0)  # the pretrained network's own parameter count (e.g. the UNet alone)
     replicated: bool = False  # kept whole on every GPU (frozen parts outside the sharded module tree)
+    per_token_bytes: int = 0  # LLM parts: a frozen forward's transient bytes per token (generation prefill)
+    cache_bytes_per_token: int = 0  # LLM parts: bf16 keys + values over every layer
 
 
 @dataclass
@@ -183,6 +195,7 @@ def llm_part(config: str, frozen: bool = False) -> Part:
 
     acts, ckpt, transient = leaf_output_bytes(base.model, run, (layer_type,))
     logits = b * seq * base.config.vocab_size * 4  # fp32 logits for the loss
+    per_token = transient // (b * seq)
     if frozen:  # run under no_grad: nothing is kept beyond one layer at a time, and no loss
         acts = ckpt = transient
         logits = 0
@@ -193,8 +206,11 @@ def llm_part(config: str, frozen: bool = False) -> Part:
     named = dict(module.llm.named_parameters())
     base_count = sum(p.numel() for n, p in named.items() if "lora_" not in n and "modules_to_save" not in n)
     base_count -= (base.get_input_embeddings().weight.shape[0] - module.base_vocab_size) * width * 2
+    cfg = base.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
     return Part("LLM + resamplers" + (" (frozen)" if frozen else ""), params, trainable, largest, acts + logits, ckpt + logits,
-                ("LLM", base_count))
+                ("LLM", base_count), per_token_bytes=per_token, cache_bytes_per_token=kv)
 
 
 def vision_part() -> Part:
@@ -213,9 +229,74 @@ def plan(stage: str, gpus: int) -> Plan:
     if stage == "stage2":
         return Plan(stage, [llm_part(STAGES["stage2"]), vision_part()], gpus)
     stage3 = yaml.safe_load(Path(STAGES["stage3"]).read_text())["model"]["init_args"]
-    mllm = llm_part(STAGES["stage2"], frozen=True)
-    mllm.replicated = True  # stage 3 places the frozen MLLM on every rank
+    mllm = llm_part(STAGES["stage2"], frozen=True)  # sharded over the ranks, as stage 3 holds it
     return Plan(stage, [unet_part(STAGES["stage1"], stage3.get("train_unet", "kv")), mllm, vision_part()], gpus)
+
+
+def vae_part(image_size: int) -> Part:
+    """SD-XL's VAE (its published config) on ``meta``: parameters, and one image's decode."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SDXL_VAE_CONFIG)))
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latents = torch.empty(1, vae.config.latent_channels, image_size // factor, image_size // factor, device="meta")
+    blocks = tuple({type(b) for b in [*vae.decoder.up_blocks, vae.decoder.mid_block]})
+    _, peak, _ = leaf_output_bytes(vae.decoder, lambda: vae.decoder(latents), blocks)
+    params = sum(p.numel() for p in vae.parameters())
+    return Part("SD-XL VAE", params, 0, params, peak, peak)
+
+
+def cache_tokens(mode: str, steps: int, tokens_per_step: int, caption_tokens: int, window_frames: int,
+                 settings: SinkSettings) -> int:
+    """The most tokens the KV cache holds while a story of ``steps`` steps after one start frame is written."""
+    if mode == "window":  # the recent frames re-encoded, then the step being written
+        return min(steps + 1, window_frames) * tokens_per_step + tokens_per_step
+    log = TokenLog()
+    most = 0
+    for frame in range(steps + 1):
+        log.add(TEXT, -1, 1 + caption_tokens)  # separator (or BOS) and the caption
+        log.add(IMG_START, frame)
+        log.add(SLOT, frame, tokens_per_step - caption_tokens - 3)
+        log.add(IMG_END, frame)
+        most = max(most, len(log))
+        if mode == "sink":
+            log.keep(sink_keep_indices(log, settings))
+    return most
+
+
+def generation_plan(story_steps: int, caption_tokens: int, gpu_mems: list[float]) -> str:
+    """One GPU generating a story (see the module docstring): a table per context policy."""
+    gen = composed_yaml(GENERATE)["model"]["init_args"]["generation"]
+    context = gen.get("context", {})
+    mllm, vit = llm_part(STAGES["stage2"], frozen=True), vision_part()
+    unet = unet_part(STAGES["stage1"])
+    image = _data_shape(STAGES["stage1"])["image"]
+    vae = vae_part(image)
+    unet_act = unet.checkpointed_activation_bytes * 2 // _data_shape(STAGES["stage1"])["batch"]  # CFG: a batch of 2
+    queries = composed_yaml(STAGES["stage2"])["model"]["init_args"].get("story_format", {}).get("num_queries", 64)
+    tokens_per_step = caption_tokens + queries + 3  # separator, caption, <img>, Q slots, </img>
+    lines = [f"one GPU, a {story_steps}-step story at {image}px ({GENERATE}: {context.get('mode', 'sink')} by default), "
+             f"{caption_tokens} tokens a caption, bf16:", "",
+             "| context | KV tokens | KV GB | MLLM phase GB | image phase GB | all on GPU GB | offload GB | " +
+             " | ".join(f"fits {m:g} GB (all / offload)" for m in gpu_mems) + " |", "|---" * (7 + len(gpu_mems)) + "|"]
+    sink = SinkSettings(**context.get("sink", {}))
+    for mode in ("dense", "window", "sink"):
+        tokens = cache_tokens(mode, story_steps, tokens_per_step, caption_tokens, context.get("window_frames", 8), sink)
+        kv = tokens * mllm.cache_bytes_per_token
+        prefill = mllm.per_token_bytes * (tokens if mode == "window" else tokens_per_step)
+        mllm_bytes = (mllm.params + vit.params) * 2 + kv + prefill
+        image_bytes = (unet.params + vae.params) * 2 + max(unet_act, vae.activation_bytes)
+        everything = (mllm.params + vit.params + unet.params + vae.params) * 2 + kv + max(prefill, unet_act, vae.activation_bytes)
+        offload = max(mllm_bytes, image_bytes)
+        fits = " | ".join(f"{'yes' if everything <= m * GB * 0.9 else 'no'} / {'yes' if offload <= m * GB * 0.9 else 'no'}"
+                          for m in gpu_mems)
+        lines.append(f"| {mode} | {tokens} | {kv / GB:.1f} | {mllm_bytes / GB:.1f} | {image_bytes / GB:.1f} | "
+                     f"{everything / GB:.1f} | {offload / GB:.1f} | {fits} |")
+    lines.append(f"\nMLLM {mllm.params / 1e9:.3f} B + ViT {vit.params / 1e9:.3f} B; UNet + adapter {unet.params / 1e9:.3f} B "
+                 f"+ VAE {vae.params / 1e9:.3f} B; activations: UNet (CFG) {unet_act / GB:.2f} GB, VAE decode "
+                 f"{vae.activation_bytes / GB:.2f} GB; KV {mllm.cache_bytes_per_token / 2**20:.2f} MB a token")
+    return "\n".join(lines)
 
 
 def report(plans: list[Plan], gpu_mems: list[float]) -> str:
@@ -240,7 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--all", action="store_true", help="plan the three real stages")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--gpu-mem", type=float, nargs="+", default=[24, 80], help="GPU memory in GB (several allowed)")
+    parser.add_argument("--generation", action="store_true", help="plan one GPU generating a story")
+    parser.add_argument("--story-steps", type=int, default=50)
+    parser.add_argument("--caption-tokens", type=int, default=40, help="tokens per generated caption")
     args = parser.parse_args(argv)
+    if args.generation:
+        print(generation_plan(args.story_steps, args.caption_tokens, args.gpu_mem))
+        return
     by_config = {v: k for k, v in STAGES.items()}
     stages = list(STAGES) if args.all else [by_config.get(str(Path(args.config)), None)]
     if stages == [None]:
