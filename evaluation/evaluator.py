@@ -15,6 +15,7 @@ generated frames look like; the CLIP normalisation happens inside. ``save_evalua
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from datamodules.exports import load_tensors, prefixed, read_export, save_tensors, writing_export
+from datamodules.exports import EXPORT_FILE, load_tensors, prefixed, read_export, save_tensors, writing_export
 from datamodules.images import CLIP_MEAN, CLIP_STD
 from datamodules.synthetic_world import BACKGROUND_NAMES, CHARACTER_NAMES
 from datamodules.tokenizer import train_tokenizer_once
@@ -175,8 +176,16 @@ class StoryEvaluator(nn.Module):
         """(character logits (B, C), background logits (B, K))."""
         return self.character_head(embeddings), self.background_head(embeddings)
 
+    @property
+    def has_labels(self) -> bool:
+        """False for a plain CLIP (real data): features and CLIP scores only, no label heads."""
+        return bool(self.character_names) and bool(self.background_names)
+
     def predict_labels(self, images: torch.Tensor) -> tuple[list[set[str]], list[str]]:
         """Characters present and background of each image, from one forward pass."""
+        if not self.has_labels:
+            raise ValueError("this evaluator is a plain CLIP folder and has no label heads: train one on labelled "
+                             "data (configs/tiny/evaluator.yaml) to label characters and backgrounds")
         char_logits, bg_logits = self.heads(self.image_embeddings(images))
         present = torch.sigmoid(char_logits) > self.threshold
         characters = [{n for n, on in zip(self.character_names, row.tolist(), strict=True) if on} for row in present]
@@ -242,7 +251,16 @@ def save_evaluator(net: StoryEvaluator, out_dir: str | Path) -> Path:
 
 
 def load_evaluator(folder: str | Path, device: str | torch.device = "cpu") -> StoryEvaluator:
-    """Load what :func:`save_evaluator` wrote, frozen and in eval mode (local files only)."""
+    """Load what :func:`save_evaluator` wrote, frozen and in eval mode (local files only).
+
+    A plain ``save_pretrained`` CLIP folder (e.g. ``clip-vit-large-patch14``, the real scale's
+    scorer) loads too, without label heads: FID on its features, CLIP-I, CLIP-T and consistency.
+    """
+    if not (Path(folder) / EXPORT_FILE).is_file() and _is_clip_folder(folder):
+        clip = CLIPModel.from_pretrained(str(folder), local_files_only=True)
+        log.info("evaluator: %s is a plain CLIP folder; no character or background labels", folder)
+        net = StoryEvaluator(clip, AutoTokenizer.from_pretrained(str(folder), local_files_only=True), (), ())
+        return net.to(device).eval().requires_grad_(False)
     meta = read_export(folder, EXPORT_KIND)
     clip = CLIPModel.from_pretrained(str(folder), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -254,6 +272,14 @@ def load_evaluator(folder: str | Path, device: str | torch.device = "cpu") -> St
     if unexpected:
         raise ValueError(f"{Path(folder) / HEADS_FILE} holds tensors no head has: {unexpected}")
     return net.to(device).eval().requires_grad_(False)
+
+
+def _is_clip_folder(folder: str | Path) -> bool:
+    config = Path(folder) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "clip"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 class TensorFeatureCLIP(nn.Module):

@@ -41,6 +41,7 @@ class Scorer(Protocol):
 
     character_names: tuple[str, ...]
     background_names: tuple[str, ...]
+    has_labels: bool  # False: features only (a plain CLIP); the label metrics are left out
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor: ...
 
@@ -242,10 +243,11 @@ class StoryMetrics(nn.Module):
             fid.label: fid,
             "clip_i": CosineSimilarity(),
             "story_consistency": StoryConsistency(),
-            "character_f1": CharacterF1(evaluator.character_names),
-            "frame_accuracy": FrameAccuracy(evaluator.character_names),
-            "background_accuracy": BackgroundAccuracy(evaluator.background_names),
         }
+        if evaluator.has_labels:
+            metrics |= {"character_f1": CharacterF1(evaluator.character_names),
+                        "frame_accuracy": FrameAccuracy(evaluator.character_names),
+                        "background_accuracy": BackgroundAccuracy(evaluator.background_names)}
         if clip_folder is not None:
             metrics["clip_t"] = CLIPTextAlignment(clip_folder)
         self.metrics = nn.ModuleDict(metrics)
@@ -279,6 +281,8 @@ class StoryMetrics(nn.Module):
         m["story_consistency"].update(gen_features, story_ids)
         if "clip_t" in m:
             m["clip_t"].update(generated_images, captions)
+        if not evaluator.has_labels:
+            return
         pred_chars, pred_bgs = evaluator.predict_labels(generated_images)
         if true_characters is not None:
             keep = [i for i, c in enumerate(true_characters) if c is not None]

@@ -115,7 +115,12 @@ class StoryGenerationModule(L.LightningModule):
         """With ``evaluator_dir``, label every frame of every story to measure what it keeps of its start."""
         self._retention, self._judged = None, []
         if self.evaluator_dir and Path(self.evaluator_dir).is_dir():
-            self.labeller = Frozen(load_evaluator(self.evaluator_dir, self.device))
+            evaluator = load_evaluator(self.evaluator_dir, self.device)
+            if not evaluator.has_labels:
+                log.info("predict: %s has no label heads; stories are written without labels, retention or judge",
+                         self.evaluator_dir)
+                return
+            self.labeller = Frozen(evaluator)
             self._retention = StartCastRetention(self.start_frames + self.generation.steps).to(self.device)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:

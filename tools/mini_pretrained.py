@@ -6,7 +6,7 @@ writes what a user puts under ``pretrained/`` (the same folder and file names), 
 ``stable-diffusion-xl-base-1.0/`` (diffusers ``unet/`` with SD-XL's block types and ``text_time``
 conditioning, ``vae/``, ``scheduler/``), ``Llama-2-7b-hf/`` (``config.json``, safetensors, a
 SentencePiece tokenizer), ``Qwen-VL-Chat/`` (``transformer.visual.*`` in shards with their index)
-and ``qwen_vit_G.pt``, and the SEED-Story release (the agent ``pytorch_model.bin`` with peft-0.4
+and ``qwen_vit_G.pt``, ``clip-vit-large-patch14/`` (the real-scale scorer), and the SEED-Story release (the agent ``pytorch_model.bin`` with peft-0.4
 names, ``cvlm_llama2_tokenizer/``, a de-tokenizer ``pytorch_model.bin``). It prints the
 arguments that run each real config on them (:func:`mini_overrides`: paths and sizes only).
 
@@ -101,6 +101,24 @@ MINI_VISION_ARGS = [f"--model.init_args.vision_encoder.{k}={v}" for k, v in dict
     path="null", image_size=MINI_QWEN.image_size, patch_size=MINI_QWEN.patch_size, hidden_size=MINI_QWEN.width,
     num_layers=MINI_QWEN.layers, num_heads=MINI_QWEN.heads, intermediate_size=MINI_QWEN.mlp_width,
     output_dim=MINI_QWEN.output_dim, num_queries=MINI_QWEN.num_queries).items()]
+
+
+def write_mini_clip(folder: Path, seed: int = 0) -> Path:
+    """A ``clip-vit-large-patch14``-like folder (``save_pretrained`` CLIPModel + CLIPProcessor), tiny and
+    random: what ``configs/seed_story/generate.yaml`` scores with (FID features, CLIP-I, CLIP-T)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from datamodules.synthetic_world import BACKGROUND_NAMES, CHARACTER_NAMES
+    from evaluation.evaluator import StoryEvaluator, tiny_clip_config, train_caption_word_tokenizer
+
+    tokenizer = train_caption_word_tokenizer([" ".join([*CHARACTER_NAMES, *BACKGROUND_NAMES, "a", "the", "and", "in"])])
+    torch.manual_seed(seed)
+    clip = CLIPModel(tiny_clip_config(len(tokenizer), image_size=32, patch_size=8, vision_width=32, vision_layers=1,
+                                      text_width=32, text_layers=1, projection_dim=32))
+    clip.save_pretrained(str(folder))
+    processor = StoryEvaluator(clip, tokenizer, (), ()).image_processor()
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(str(folder))
+    return Path(folder)
 
 
 def write_mini_sdxl(folder: Path, cross_attention_dim: int = 64, pooled_dim: int = 40, seed: int = 0) -> Path:
@@ -270,7 +288,8 @@ def write_mini_pretrained(root: Path) -> dict[str, Path]:
     paths = dict(sdxl=root / "stable-diffusion-xl-base-1.0", llama=root / "Llama-2-7b-hf", qwen=root / "Qwen-VL-Chat",
                  vit=root / "qwen_vit_G.pt", agent=root / "SEED-Story" / "Agent_7B_George" / "pytorch_model.bin",
                  tokenizer=root / "SEED-Story" / "cvlm_llama2_tokenizer",
-                 detokenizer=root / "SEED-Story" / "Detokenizer_George" / "pytorch_model.bin")
+                 detokenizer=root / "SEED-Story" / "Detokenizer_George" / "pytorch_model.bin",
+                 clip=root / "clip-vit-large-patch14")
     write_qwen_vl_chat(paths["qwen"])
     write_qwen_vit_pt(paths["vit"])
     write_mini_sdxl(paths["sdxl"])
@@ -278,6 +297,7 @@ def write_mini_pretrained(root: Path) -> dict[str, Path]:
                                SDXLAdapter(mini_adapter_config()))
     write_mini_llama(paths["llama"])
     write_released_agent(paths["agent"], paths["llama"], paths["tokenizer"])
+    write_mini_clip(paths["clip"])
     return paths
 
 
@@ -289,6 +309,8 @@ def mini_overrides(root: Path) -> dict[str, list[str]]:
     return {
         "stage1": [*vit, *MINI_ADAPTER_ARGS, f"--model.init_args.unet.path={sdxl}", f"--model.init_args.vae_path={sdxl}"],
         "stage2": [*mini_agent_args(root / "Llama-2-7b-hf"), f"--model.init_args.vision_encoder.path={root / 'Qwen-VL-Chat'}"],
+        # no Inception file here: FID on the CLIP's features
+        "generate": [f"--model.init_args.evaluator_dir={root / 'clip-vit-large-patch14'}", "--model.init_args.inception_weights_path=null"],
     }
 
 

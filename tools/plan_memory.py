@@ -36,7 +36,15 @@ import torch
 import yaml
 from torch import nn
 
-from lightning_modules.components.attention_sink import IMG_END, IMG_START, SLOT, TEXT, SinkSettings, TokenLog, sink_keep_indices
+from lightning_modules.components.attention_sink import (
+    IMG_END,
+    IMG_START,
+    SLOT,
+    TEXT,
+    SinkSettings,
+    TokenLog,
+    sink_keep_indices,
+)
 from lightning_modules.components.qwen_vit import QwenViT
 from tools.cli import cli_main, composed_yaml, config_command
 
