@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from datamodules.batch import batch_size
@@ -35,7 +35,7 @@ from lightning_modules.components.noise import (
     draw_training_noise,
     noise_keys,
 )
-from lightning_modules.components.sampling import sample_latents, unet_input
+from lightning_modules.components.sampling import Sampler, build_sampler, sample_latents, unet_input
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sdxl_adapter import (
     SDXLAdapter,
@@ -290,9 +290,9 @@ class DetokenizerModule(L.LightningModule):
 
     # -- sampling ------------------------------------------------------------------------
 
-    def sampler(self) -> EulerDiscreteScheduler:
-        """A fresh Euler scheduler on the training schedule (schedulers are stateful)."""
-        return EulerDiscreteScheduler.from_config(self.noise_scheduler.config)
+    def sampler(self, name: Sampler = "euler") -> SchedulerMixin:
+        """A fresh sampling scheduler on the training schedule (:func:`~lightning_modules.components.sampling.build_sampler`)."""
+        return build_sampler(name, self.noise_scheduler.config)
 
     @torch.no_grad()
     def decode(
@@ -304,6 +304,7 @@ class DetokenizerModule(L.LightningModule):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
+        sampler: Sampler | None = None,
     ) -> torch.Tensor:
         """(B, N, D) ViT-space features (real or regressed) -> images (B, 3, H, W) in [-1, 1].
 
@@ -321,7 +322,7 @@ class DetokenizerModule(L.LightningModule):
         cond = self.conditioning(features, time_ids)
         uncond = self.conditioning(self.vision_encoder.null_features(n), time_ids) if guidance > 1.0 else None
         h, w = (int(s) // self.codec.downscale for s in target_size[0])
-        latents = sample_latents(self.unet, cond, uncond, self.sampler(), (n, self.codec.channels, h, w),
+        latents = sample_latents(self.unet, cond, uncond, self.sampler(sampler or "euler"), (n, self.codec.channels, h, w),
                                  num_inference_steps or self.num_inference_steps, guidance, generator, self.position_channels)
         return self.codec.decode(latents.to(self.dtype)).float().clamp(-1, 1)
 

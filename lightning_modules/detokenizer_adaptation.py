@@ -156,7 +156,7 @@ class DetokenizerAdaptationModule(L.LightningModule):
         generator = torch.Generator().manual_seed(self._val_seen)
         images = self.detokenizer.decode(features[:take], generator=generator,
                                          num_inference_steps=self.generation.num_inference_steps,
-                                         guidance_scale=self.generation.guidance_scale)
+                                         guidance_scale=self.generation.guidance_scale, sampler=self.generation.sampler)
         self.val_psnr.update(images.float(), self._frames(batch, frames, "pixels")[:take].float())
         self._val_seen += take
 
