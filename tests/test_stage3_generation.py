@@ -228,3 +228,29 @@ def test_offloaded_generation_is_the_same_story_with_one_network_on_the_device(t
     assert reread.captions == plain_reread.captions
     torch.testing.assert_close(reread.steps[-1].image, plain_reread.steps[-1].image, atol=0, rtol=0)
     assert sum(1 for name, to in turns.placement.moves if name == "detokenizer" and to == "device") == 3  # one per step
+
+
+def test_every_attention_of_a_story_runs_through_sdpa(tiny_world, exports, monkeypatch):
+    """LLM, ViT, resamplers, adapter and UNet attend with ``F.scaled_dot_product_attention``
+    (fused kernels on a GPU): no attention matrix is softmaxed by hand while a story is generated."""
+    import torch.nn.functional as F
+
+    module = _stage3(exports).eval()
+    batch = _stories_batch(tiny_world, n=1, frames=2)
+    calls = {"sdpa": 0}
+    sdpa = F.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    def no_softmax(*args, **kwargs):
+        raise AssertionError("an attention computed its softmax outside SDPA")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
+    monkeypatch.setattr(torch, "softmax", no_softmax)
+    monkeypatch.setattr(F, "softmax", no_softmax)
+    monkeypatch.setattr(torch.Tensor, "softmax", no_softmax)
+    story = module.generate_story(batch["vit_pixels"][0, :1], batch["captions"][0][:1])
+    assert len(story.steps) == 4 and calls["sdpa"] > 0
+    assert module.mllm.base_llm.config._attn_implementation == "sdpa"

@@ -31,6 +31,7 @@ class LLMSpec:
     meta_init: bool = False
     trust_remote_code: bool = False
     seed: int = 0  # random init seed when built from a config
+    attn_implementation: str = "sdpa"  # torch's fused attention (flash / memory-efficient kernels); "eager" to debug
 
 
 @dataclass
@@ -64,17 +65,18 @@ def build_llm(spec: LLMSpec, vocab_size: int | None = None) -> PreTrainedModel:
         if not Path(spec.path).is_dir():
             raise FileNotFoundError(f"llm.path {spec.path} is not a folder; point it at a local Hugging Face model (e.g. Llama-2-7b-hf)")
         return AutoModelForCausalLM.from_pretrained(
-            spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code, torch_dtype=torch.float32
+            spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
+            attn_implementation=spec.attn_implementation,
         )
     config = llm_architecture(spec)
     if vocab_size is not None:
         config.vocab_size = vocab_size
     if spec.meta_init:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config, attn_implementation=spec.attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=spec.attn_implementation)
 
 
 def grow_vocabulary(model: PreTrainedModel, new_size: int) -> int:
