@@ -61,13 +61,45 @@ def test_sdxl_vae_codec_round_trip_shapes_and_scaling():
     from diffusers import AutoencoderKL
 
     from lightning_modules.components.codecs import VAECodec
+    from tools.plan_memory import SDXL_VAE_CONFIG
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, scaling_factor=0.13025, sample_size=1024)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SDXL_VAE_CONFIG)))
     codec = VAECodec(vae).to(CUDA, torch.bfloat16)
     pixels = torch.rand(2, 3, 256, 256, device=CUDA) * 2 - 1
     latents = codec.encode(pixels.to(torch.bfloat16))
     assert latents.shape == (2, 4, 32, 32) and codec.downscale == 8 and codec.scaling_factor == pytest.approx(0.13025)
     assert codec.decode(latents).shape == (2, 3, 256, 256)
     assert not list(codec.parameters()) and not codec.state_dict()  # frozen: never trained, never checkpointed
+
+
+def test_offloaded_story_is_the_resident_story_with_real_device_moves(tiny_world, exports):  # noqa: F811
+    import dataclasses
+
+    from lightning_modules.components.story_generator import StoryGenerator
+
+    module = _stage3(exports).to(CUDA).eval()
+    batch = _stories_batch(tiny_world, n=1, frames=2)
+    start, caption = batch["vit_pixels"][0, :1], batch["captions"][0][:1]
+    settings = GenerationSettings(steps=3, num_inference_steps=2, guidance_scale=2.0)
+    resident = StoryGenerator(module.mllm, module.detokenizer, settings, CUDA).generate(start, caption)
+    generator = StoryGenerator(module.mllm, module.detokenizer, dataclasses.replace(settings, offload=True), CUDA)
+    offloaded = generator.generate(start, caption)
+    assert offloaded.captions == resident.captions
+    for a, b in zip(resident.steps[1:], offloaded.steps[1:]):
+        torch.testing.assert_close(b.image, a.image, atol=1e-5, rtol=0)
+    assert generator.placement.moves == [("detokenizer", "cpu"), ("mllm", "cpu"), ("detokenizer", "device")]
+    assert module.mllm.device.type == "cpu" and module.detokenizer.device.type == "cuda"
+
+
+def test_compiled_unet_draws_the_eager_images(tiny_world, exports):  # noqa: F811
+    import dataclasses
+
+    module = _stage3(exports).to(CUDA).eval()
+    batch = _stories_batch(tiny_world, n=1, frames=2)
+    start, caption = batch["vit_pixels"][0, :1], batch["captions"][0][:1]
+    settings = GenerationSettings(steps=2, num_inference_steps=4, guidance_scale=2.0)
+    eager = module.generate_story(start, caption, settings=settings)
+    compiled = module.generate_story(start, caption, settings=dataclasses.replace(settings, compile_unet=True))
+    assert module.detokenizer.unet._compiled_call_impl is not None and compiled.captions == eager.captions
+    for a, b in zip(eager.steps[1:], compiled.steps[1:]):
+        torch.testing.assert_close(b.image, a.image, atol=1e-3, rtol=0)  # fused kernels reorder float sums only

@@ -254,3 +254,4 @@ def test_every_attention_of_a_story_runs_through_sdpa(tiny_world, exports, monke
     story = module.generate_story(batch["vit_pixels"][0, :1], batch["captions"][0][:1])
     assert len(story.steps) == 4 and calls["sdpa"] > 0
     assert module.mllm.base_llm.config._attn_implementation == "sdpa"
+

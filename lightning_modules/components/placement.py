@@ -43,10 +43,10 @@ class Placement:
         if not self.offload or self.on_device == name:
             return
         for other, part in self.parts.items():
-            if other != name and _device_of(part) != torch.device("cpu"):
+            if other != name and _device_of(part).type != "cpu":
                 _move(part, torch.device("cpu"))
                 self.moves.append((other, "cpu"))
-        if _device_of(self.parts[name]) != self.device:
+        if not _same_device(_device_of(self.parts[name]), self.device):
             _move(self.parts[name], self.device)
             self.moves.append((name, "device"))
         self.on_device = name
@@ -55,6 +55,16 @@ class Placement:
 def _device_of(module: nn.Module) -> torch.device:
     tensor = next(module.parameters(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` names the current GPU: it is the same device as ``cuda:0`` when that is current."""
+    if a.type != b.type:
+        return False
+    if a.type == "cuda" and (a.index is None or b.index is None):
+        current = torch.cuda.current_device()
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
 
 
 def _move(module: nn.Module, device: torch.device) -> None:

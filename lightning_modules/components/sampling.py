@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from lightning_modules.components.sdxl_adapter import SDXLConditioning
-
 
 Sampler = Literal["euler", "dpmpp"]
 
