@@ -61,6 +61,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     """``cuda`` names the current GPU: it is the same device as ``cuda:0`` when that is current."""
     if a.type != b.type:
         return False
+    if a.index is None and b.index is None:
+        return True
     if a.type == "cuda" and (a.index is None or b.index is None):
         current = torch.cuda.current_device()
         return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
