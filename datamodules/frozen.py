@@ -30,6 +30,7 @@ class Frozen(nn.Module):
         super()._apply(fn, recurse)
         if self.follow_owner:
             self.net._apply(fn, recurse)
+            _track_placement(self.net)
         return self
 
     def train(self, mode: bool = True) -> Frozen:
@@ -39,6 +40,17 @@ class Frozen(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.net(*args, **kwargs)
+
+
+def _track_placement(net: nn.Module) -> None:
+    """Lightning modules inside ``net`` record their device and dtype in their own ``.to()``, which
+    ``_apply`` bypasses: set them from the weights, so ``module.dtype`` tells what the weights are."""
+    weight = next((p for p in net.parameters() if p.is_floating_point()), None)
+    if weight is None:
+        return
+    for module in net.modules():
+        if hasattr(module, "_device") and hasattr(module, "_dtype"):  # lightning's DeviceDtypeModuleMixin
+            module._device, module._dtype = weight.device, weight.dtype
 
 
 def hold_frozen(owner: nn.Module, name: str, net: nn.Module) -> nn.Module:

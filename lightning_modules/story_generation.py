@@ -104,6 +104,9 @@ class StoryGenerationModule(L.LightningModule):
 
     def story_generator(self, settings: GenerationSettings | None = None) -> StoryGenerator:
         self.configure_model()
+        if self.generation.offload:  # the parts ignore the module's .to(): they take its dtype here (bf16-true)
+            for part in (self.mllm, self.detokenizer):
+                part.to(dtype=self.dtype)
         return StoryGenerator(self.mllm, self.detokenizer, settings or self.generation, self.device)
 
     def generate_story(self, vit_pixels: torch.Tensor, captions: list[str], images: torch.Tensor | None = None,

@@ -255,3 +255,30 @@ def test_every_attention_of_a_story_runs_through_sdpa(tiny_world, exports, monke
     assert len(story.steps) == 4 and calls["sdpa"] > 0
     assert module.mllm.base_llm.config._attn_implementation == "sdpa"
 
+
+
+def test_a_bf16_model_generates_what_the_fp32_model_does(tiny_world, exports):
+    """Weights in bf16 (``precision: bf16-true``, the one-GPU setting): every network is fed its own
+    dtype, and the regressed features follow the fp32 model's (visualization mode: same captions)."""
+    module = _stage3(exports).eval()
+    batch = _stories_batch(tiny_world, n=1, frames=4)
+    start, captions = batch["vit_pixels"][0, :1], batch["captions"][0]
+    full = module.generate_story(start, captions[:1], given_captions=captions[1:])
+    module.to(torch.bfloat16)  # the Lightning precision plugin's conversion; the frozen MLLM follows
+    assert module.mllm.dtype == torch.bfloat16 == next(module.mllm.parameters()).dtype
+    half = module.generate_story(start.bfloat16(), captions[:1], given_captions=captions[1:])
+    for a, b in zip(full.steps[1:], half.steps[1:]):
+        assert b.features.dtype == torch.float32 and torch.isfinite(b.image).all()
+        assert torch.nn.functional.cosine_similarity(a.features.flatten(), b.features.flatten(), dim=0) > 0.99
+
+
+def test_offloaded_parts_wait_on_the_cpu_and_take_the_modules_precision(tiny_world, exports):
+    from lightning_modules.story_generation import StoryGenerationModule
+
+    generation = GenerationSettings(steps=1, num_inference_steps=1, guidance_scale=1.0, offload=True)
+    module = StoryGenerationModule(str(exports / "stage1"), str(exports / "stage2"), generation=generation)
+    module.configure_model()
+    module.to(torch.bfloat16)  # what bf16-true does; a move to a GPU would leave the parts on the CPU as well
+    batch = _stories_batch(tiny_world, n=1, frames=2)
+    story = module.generate_story(batch["vit_pixels"][0, :1].bfloat16(), batch["captions"][0][:1])
+    assert module.mllm.dtype == module.detokenizer.dtype == torch.bfloat16 and torch.isfinite(story.steps[1].image).all()

@@ -268,7 +268,7 @@ class StoryGenerator:
 
     def close_image(self, context: _LLMContext, features: torch.Tensor, frame: int) -> None:
         """The frame's Q context slots (its features through the input resampler), then ``</img>``."""
-        slots = self.mllm.input_resampler(features[None].to(self.mllm.device, torch.float32))[0]
+        slots = self.mllm.input_resampler(features[None].to(self.mllm.device, self.mllm.dtype))[0]
         embeds_dtype = self.mllm.base_llm.get_input_embeddings().weight.dtype
         context.feed(slots.to(embeds_dtype), sink.SLOT, frame)
         context.feed_ids([self.format.tokens.img_end], sink.IMG_END, frame)
@@ -291,7 +291,8 @@ class StoryGenerator:
         hidden.append(context.feed_ids([tokens.img_start], sink.IMG_START, frame))
         length = len(context)
         queries = context.feed_ids(list(tokens.slots), sink.SLOT, frame)
-        features = self.mllm.regress(queries[None].float(), previous[None].to(queries.device).float())[0]
+        dtype = self.mllm.dtype  # the weights' (fp32 under autocast, bf16 when the model is bf16); features kept in fp32
+        features = self.mllm.regress(queries[None].to(dtype), previous[None].to(queries.device, dtype))[0].float()
         context.crop(length)  # the generation queries give way to the frame's context slots
         caption = given if given is not None else self.format.decode_text(ids)
         return caption, features, torch.cat(hidden)
