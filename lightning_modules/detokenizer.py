@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_KIND = "detokenizer"
 ADAPTER_FILE = "adapter.safetensors"
+NULL_FEATURES_FILE = "null_features.safetensors"  # the zero image's ViT features: generation never builds the ViT
 
 class DetokenizerModule(L.LightningModule):
     """ViT features -> image, trained with the ε- (or v-) prediction MSE of a DDPM schedule.
@@ -374,6 +375,7 @@ class DetokenizerModule(L.LightningModule):
                 writing_export(directory, EXPORT_KIND, self.export_config()) as tmp:
             merged_unet_copy(self.unet).save_pretrained(tmp / "unet")
             save_tensors(tmp, ADAPTER_FILE, self.adapter.state_dict())
+            save_tensors(tmp, NULL_FEATURES_FILE, {"null_features": self.vision_encoder.null_features(1)[0].float().contiguous()})
         log.info("exported the de-tokenizer to %s", directory)
         return Path(directory)
 
@@ -396,4 +398,6 @@ def load_detokenizer(directory: str | Path, **overrides: Any) -> DetokenizerModu
     )
     module = DetokenizerModule(**(kwargs | overrides))
     module.configure_model()
+    if (Path(directory) / NULL_FEATURES_FILE).is_file():  # exports before this file build the ViT when first asked
+        module.vision_encoder.null_cache = load_tensors(directory, NULL_FEATURES_FILE)["null_features"]
     return module

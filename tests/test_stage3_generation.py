@@ -282,3 +282,22 @@ def test_offloaded_parts_wait_on_the_cpu_and_take_the_modules_precision(tiny_wor
     batch = _stories_batch(tiny_world, n=1, frames=2)
     story = module.generate_story(batch["vit_pixels"][0, :1].bfloat16(), batch["captions"][0][:1])
     assert module.mllm.dtype == module.detokenizer.dtype == torch.bfloat16 and torch.isfinite(story.steps[1].image).all()
+
+
+def test_generation_never_builds_the_detokenizers_vit(tiny_world, exports):
+    """The unconditional branch reads the zero image's features from the export, so drawing with CFG
+    needs no second ViT (at real scale, 1.9 B parameters the MLLM already holds)."""
+    import dataclasses
+
+    from lightning_modules.components.vision_encoder import FrozenVisionEncoder
+    from lightning_modules.detokenizer import load_detokenizer
+
+    detokenizer = load_detokenizer(exports / "stage1")
+    module = _stage3(exports).eval()
+    batch = _stories_batch(tiny_world, n=1, frames=2)
+    settings = dataclasses.replace(FAST, steps=1, guidance_scale=2.0)
+    module.detokenizer = detokenizer  # as loaded for generation
+    module.generate_story(batch["vit_pixels"][0, :1], batch["captions"][0][:1], settings=settings)
+    assert detokenizer.vision_encoder.frozen_tower is None
+    fresh = FrozenVisionEncoder(detokenizer.vision_config)  # the same tower, computing them again
+    torch.testing.assert_close(detokenizer.vision_encoder.null_features(1), fresh.null_features(1), atol=1e-6, rtol=0)

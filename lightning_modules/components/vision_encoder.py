@@ -140,6 +140,9 @@ class FrozenVisionEncoder(nn.Module):
         # an empty buffer that follows .to(): the device/dtype the tower is built on
         self.register_buffer("_anchor", torch.empty(0), persistent=False)
         self.frozen_tower: Frozen | None = None  # built on first use
+        # the (N, D) features of the all-zero image: a constant of the frozen tower, kept once computed
+        # (or given by an export), so the unconditional branch never needs the tower again
+        self.null_cache: torch.Tensor | None = None
 
     # -- shape -----------------------------------------------------------------------------
 
@@ -201,5 +204,7 @@ class FrozenVisionEncoder(nn.Module):
     @torch.no_grad()
     def null_features(self, batch: int = 1) -> torch.Tensor:
         """Features of an all-zero ``vit_pixels`` input (as SEED-X feeds for the unconditional branch)."""
-        zeros = self._anchor.new_zeros((1, 3, self.image_size, self.image_size))
-        return self(zeros).expand(batch, -1, -1)
+        if self.null_cache is None:
+            zeros = self._anchor.new_zeros((1, 3, self.image_size, self.image_size))
+            self.null_cache = self(zeros)[0].float().cpu()
+        return self.null_cache.to(self._anchor.device, self._anchor.dtype)[None].expand(batch, -1, -1)
