@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from datamodules.batch import batch_size
@@ -291,10 +290,6 @@ class DetokenizerModule(L.LightningModule):
 
     # -- sampling ------------------------------------------------------------------------
 
-    def sampler(self, name: Sampler = "euler") -> SchedulerMixin:
-        """A fresh sampling scheduler on the training schedule (:func:`~lightning_modules.components.sampling.build_sampler`)."""
-        return build_sampler(name, self.noise_scheduler.config)
-
     @torch.no_grad()
     def decode(
         self,
@@ -323,7 +318,7 @@ class DetokenizerModule(L.LightningModule):
         cond = self.conditioning(features, time_ids)
         uncond = self.conditioning(self.vision_encoder.null_features(n), time_ids) if guidance > 1.0 else None
         h, w = (int(s) // self.codec.downscale for s in target_size[0])
-        latents = sample_latents(self.unet, cond, uncond, self.sampler(sampler or "euler"), (n, self.codec.channels, h, w),
+        latents = sample_latents(self.unet, cond, uncond, build_sampler(sampler or "euler", self.noise_scheduler.config), (n, self.codec.channels, h, w),
                                  num_inference_steps or self.num_inference_steps, guidance, generator, self.position_channels)
         return self.codec.decode(latents.to(self.dtype)).float().clamp(-1, 1)
 
@@ -375,7 +370,8 @@ class DetokenizerModule(L.LightningModule):
                 writing_export(directory, EXPORT_KIND, self.export_config()) as tmp:
             merged_unet_copy(self.unet).save_pretrained(tmp / "unet")
             save_tensors(tmp, ADAPTER_FILE, self.adapter.state_dict())
-            save_tensors(tmp, NULL_FEATURES_FILE, {"null_features": self.vision_encoder.null_features(1)[0].float().contiguous()})
+            if null := self.vision_encoder.known_null_features():
+                save_tensors(tmp, NULL_FEATURES_FILE, null)
         log.info("exported the de-tokenizer to %s", directory)
         return Path(directory)
 

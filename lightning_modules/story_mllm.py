@@ -172,19 +172,10 @@ class StoryMLLMModule(L.LightningModule):
             self.shard(self.device_mesh, self.fsdp)
 
     def shard(self, mesh, settings: FSDPSettings) -> None:
-        """FSDP2 over ``mesh``: every decoder layer, the embeddings, the head, the decoder stack (its
-        final norm) and each resampler is a unit, and this module the root.
-
-        ``forward()`` and story generation call these parts one by one, so each holds its own
-        parameters and gathers them when called; nothing is left to the root, which generation
-        never calls (it makes the root first with :func:`~lightning_modules.components.sharding.begin`).
-        Stage 2 shards itself here; stage 3 shards its frozen copy the same way.
-        """
+        """FSDP2 over ``mesh``, this module the root (units: :func:`~lightning_modules.components.sharding.mllm_units`).
+        Stage 2 shards itself here; stage 3 shards its frozen copy the same way."""
         self.ensure_built()
-        base = self.base_llm
-        units = [*story_llm.decoder_layers(self.llm), base.get_input_embeddings(), base.get_output_embeddings(),
-                 base.model, self.input_resampler, self.output_resampler]
-        sharding.shard(units, [self], mesh, settings)
+        sharding.shard(sharding.mllm_units(self), [self], mesh, settings)
 
     @property
     def base_llm(self) -> nn.Module:

@@ -173,3 +173,19 @@ def test_a_step_schedule_lasts_the_run_and_a_disagreeing_length_fails_before_tra
         cli = cli_main([*command, "--trainer.max_steps=737", "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False)
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         assert cli.model.scheduler_factory(optimizer).total_steps == 737
+
+
+def test_null_on_the_command_line_clears_a_nested_field_and_keeps_the_rest():
+    """``--model.init_args.unet.path=null`` means None (jsonargparse alone would read the string
+    'None' there), and the dataclass keeps every other value its config gave it."""
+    from tools.cli import nested_nulls_as_dicts
+
+    assert nested_nulls_as_dicts(["--model.init_args.unet.path=null", "--model.init_args.scheduler=null", "--x.y=null"]) == \
+        ["--model.init_args.unet={path: null}", "--model.init_args.scheduler=null", "--x.y=null"]
+    cli = cli_main([*config_command("configs/seed_story/stage1_detokenizer.yaml")[1:], "--trainer.accelerator=cpu",
+                    "--model.init_args.unet.path=null", "--model.init_args.vision_encoder.path=null",
+                    "--model.init_args.vision_encoder.num_layers=2"], run=False)
+    vision, unet = cli.model.vision_config, cli.model.unet_spec
+    assert vision.path is None and unet.path is None
+    assert vision.backend == "qwen_vl" and vision.image_size == 448 and vision.num_layers == 2
+    assert unet.config == "lightning_modules/components/sdxl_unet_config.json"

@@ -77,3 +77,31 @@ def test_distinct_share_of_real_stories():
     rng = random.Random(1)
     real = distinct_share([make_story(rng, i)["captions"] for i in range(40)])
     assert 0.5 < real < 1.0  # the world repeats itself sometimes (e.g. a jump after a jump)
+
+
+def test_the_storyboard_story_is_the_median_by_coherence(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from tools import median_story
+
+    coherences = {"story_1": [1.0, 0.2, 0.4], "story_2": [1.0, 1.0, 1.0], "story_3": [1.0, 0.5, 0.7],
+                  "story_4": [1.0, 0.0, 0.0], "story_5": [1.0, 0.9, 0.9]}
+    for name, coherence in coherences.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"frame_{i:02d}.png")
+        record = {"captions": ["a", "b", "c"], "frames": [f"frame_{i:02d}.png" for i in range(3)],
+                  "judge": {"coherence": coherence}}
+        (folder / "story.json").write_text(json.dumps(record))
+    (tmp_path / "story_9").mkdir()  # a story without a judgement (no evaluator) is not ranked
+    (tmp_path / "story_9" / "story.json").write_text(json.dumps({"captions": [], "frames": []}))
+    # generated-step means: 0.3, 1.0, 0.6, 0.0, 0.9 -> sorted 0.0, 0.3, 0.6, 0.9, 1.0: the median is story_3
+    score, folder, _ = median_story.median_story(tmp_path)
+    assert folder.name == "story_3" and score == pytest.approx(0.6)
+    median_story.main([str(tmp_path), "--out", str(tmp_path / "board.png")])
+    assert Image.open(tmp_path / "board.png").width == 3 * 16  # three frames at scale 2
+    (tmp_path / "story_5" / "story.json").unlink()  # four left: the lower of the two middle ones (0.3, 0.6)
+    assert median_story.median_story(tmp_path)[1].name == "story_1"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,23 @@ def fill_schedule_length(config: Namespace) -> None:
                          "remove total_steps from the config, the schedule takes the run's length")
 
 
+def nested_nulls_as_dicts(args: list[str]) -> list[str]:
+    """``--a.init_args.b.c=null`` -> ``--a.init_args.b={c: null}``: the same override, in the form that parses.
+
+    jsonargparse (4.53) reads a ``null`` given to a field of a dataclass inside a class's
+    ``init_args`` as the string ``'None'`` (``--model.init_args.unet.path=null`` would look for a
+    folder named ``None``); a dict with that one key merges into the dataclass and keeps ``None``.
+    """
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        parent, _, leaf = key.rpartition(".")
+        if sep and value == "null" and key.startswith("--") and ".init_args." in f"{parent}." and not parent.endswith("init_args"):
+            arg = f"{parent}={{{leaf}: null}}"
+        out.append(arg)
+    return out
+
+
 class StoryCLI(LightningCLI):
     """LightningCLI with the project's fixed callbacks, resumable checkpoint folders, and the model's
     story format handed to the datamodule (its ViT view size, tokenizer and layout are written once,
@@ -124,6 +142,11 @@ class StoryCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model", "data.init_args.story_format", compute_fn=story_format_of, apply_on="instantiate")
+
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        if args is None or isinstance(args, (list, tuple)):
+            args = nested_nulls_as_dicts(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         # the parsed config of the current subcommand (the whole config when run=False); the config

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lightning_modules.components.story_llm import decoder_layers
+
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +64,19 @@ def begin(root: nn.Module) -> None:
 
     if isinstance(root, FSDPModule):
         fully_shard.state(root)._lazy_init()  # what the root's first forward would do; idempotent
+
+
+def mllm_units(mllm: nn.Module) -> list[nn.Module]:
+    """The story MLLM's FSDP units: every decoder layer, the embeddings, the head, the decoder
+    stack (its final norm) and each resampler.
+
+    ``forward()`` and story generation call these parts one by one, so each holds its own
+    parameters and gathers them when called; nothing is left to the root, whose own ``forward``
+    generation never calls (it names the root first with :func:`begin`).
+    """
+    base = mllm.base_llm
+    return [*decoder_layers(mllm.llm), base.get_input_embeddings(), base.get_output_embeddings(), base.model,
+            mllm.input_resampler, mllm.output_resampler]
 
 
 def unet_units(unet: nn.Module) -> list[nn.Module]:
