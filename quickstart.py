@@ -2,7 +2,7 @@
 
 Makes the synthetic world, trains the evaluator and the three stages with the tiny configs (each
 through ``train.py fit``), generates 25-step stories (``train.py predict``) and scores the test
-split (``train.py test``). A stage whose output already exists is skipped, so a re-run resumes
+split (``train.py test``), then draws the median story by the judge's coherence. A stage whose output already exists is skipped, so a re-run resumes
 where the last one stopped; ``--fresh`` starts over. Prints one summary line per stage and,
 at the end, where the storyboards, checkpoints, ``metrics.json`` and W&B offline runs are.
 """
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent
 TRAIN = [sys.executable, "train.py"]
 DATA = ["--config", "configs/tiny/data.yaml"]  # the overlays every tiny command composes (see each config's first line)
 LOGGING = ["--config", "configs/tiny/logging.yaml"]
+MEDIAN_STORYBOARD = "runs/tiny_stories/median_storyboard.png"
 
 
 @dataclass
@@ -50,6 +51,9 @@ STAGES = [
           "runs/tiny_stories/story_*/storyboard.html"),
     Stage("metrics", [*TRAIN, "test", *DATA, "--config", "configs/tiny/generate.yaml"],
           "runs/tiny_stories/metrics.json"),
+    # the typical story as a picture: the median by the judge's coherence (the README's storyboard)
+    Stage("storyboard", [sys.executable, "-m", "tools.median_story", "runs/tiny_stories", "--out", MEDIAN_STORYBOARD],
+          MEDIAN_STORYBOARD),
 ]
 
 
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {sum(timings.values()) / 60:.1f} min this run")
     metrics = ROOT / "runs/tiny_stories/metrics.json"
     print("\nwhere things are:")
-    print(f"  storyboards      {ROOT / 'runs/tiny_stories'}/story_*/storyboard.html")
+    print(f"  storyboards      {ROOT / 'runs/tiny_stories'}/story_*/storyboard.html (the median story: {ROOT / MEDIAN_STORYBOARD})")
     print(f"  checkpoints      {ROOT / 'runs'}/tiny_*/checkpoints/  (resume: the stage's command + --ckpt_path last)")
     print(f"  exports          {ROOT / 'runs'}/tiny_*/export/")
     print(f"  metrics.json     {metrics}")
