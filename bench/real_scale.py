@@ -49,12 +49,10 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def full_random_args(tmp: Path) -> dict[str, list[str]]:
     """Overrides that build every real network at full size with random weights (no files read but configs)."""
-    from diffusers import AutoencoderKL
-
+    from lightning_modules.components.codecs import sdxl_vae_architecture
     from tools.mini_pretrained import write_llama_tokenizer
-    from tools.plan_memory import SDXL_VAE_CONFIG
 
-    AutoencoderKL.from_config(AutoencoderKL.load_config(str(SDXL_VAE_CONFIG))).save_pretrained(tmp / "sdxl" / "vae")
+    sdxl_vae_architecture().save_pretrained(tmp / "sdxl" / "vae")
     tokenizer = write_llama_tokenizer(tmp / "tokenizer")
     return {"stage1": ["--model.init_args.unet.path=null", f"--model.init_args.vae_path={tmp / 'sdxl'}",
                        "--model.init_args.vision_encoder.path=null"],

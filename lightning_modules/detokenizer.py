@@ -370,8 +370,7 @@ class DetokenizerModule(L.LightningModule):
                 writing_export(directory, EXPORT_KIND, self.export_config()) as tmp:
             merged_unet_copy(self.unet).save_pretrained(tmp / "unet")
             save_tensors(tmp, ADAPTER_FILE, self.adapter.state_dict())
-            if null := self.vision_encoder.known_null_features():
-                save_tensors(tmp, NULL_FEATURES_FILE, null)
+            save_tensors(tmp, NULL_FEATURES_FILE, {"null_features": self.vision_encoder.null_features(1)[0].float().contiguous()})
         log.info("exported the de-tokenizer to %s", directory)
         return Path(directory)
 

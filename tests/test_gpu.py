@@ -58,12 +58,10 @@ def test_stage3_bf16_forward_backward_and_a_sink_story_on_cuda(tiny_world, expor
 
 def test_sdxl_vae_codec_round_trip_shapes_and_scaling():
     """SD-XL's VAE architecture (random weights, no download) through the project's codec at 256 px."""
-    from diffusers import AutoencoderKL
 
-    from lightning_modules.components.codecs import VAECodec
-    from tools.plan_memory import SDXL_VAE_CONFIG
+    from lightning_modules.components.codecs import VAECodec, sdxl_vae_architecture
 
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SDXL_VAE_CONFIG)))
+    vae = sdxl_vae_architecture()
     codec = VAECodec(vae).to(CUDA, torch.bfloat16)
     pixels = torch.rand(2, 3, 256, 256, device=CUDA) * 2 - 1
     latents = codec.encode(pixels.to(torch.bfloat16))

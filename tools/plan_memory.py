@@ -45,11 +45,11 @@ from lightning_modules.components.attention_sink import (
     TokenLog,
     sink_keep_indices,
 )
+from lightning_modules.components.codecs import sdxl_vae_architecture
 from lightning_modules.components.qwen_vit import QwenViT
 from tools.cli import cli_main, composed_yaml, config_command
 
 GB = 1024**3
-SDXL_VAE_CONFIG = Path(__file__).parents[1] / "lightning_modules" / "components" / "sdxl_vae_config.json"
 STAGES = {
     "stage1": "configs/seed_story/stage1_detokenizer.yaml",
     "stage2": "configs/seed_story/stage2_mllm.yaml",
@@ -243,10 +243,8 @@ def plan(stage: str, gpus: int) -> Plan:
 
 def vae_part(image_size: int) -> Part:
     """SD-XL's VAE (its published config) on ``meta``: parameters, and one image's decode."""
-    from diffusers import AutoencoderKL
-
     with torch.device("meta"):
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(SDXL_VAE_CONFIG)))
+        vae = sdxl_vae_architecture()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latents = torch.empty(1, vae.config.latent_channels, image_size // factor, image_size // factor, device="meta")
     blocks = tuple({type(b) for b in [*vae.decoder.up_blocks, vae.decoder.mid_block]})
@@ -279,9 +277,10 @@ def generation_plan(story_steps: int, caption_tokens: int, gpu_mems: list[float]
     context = gen.get("context", {})
     mllm, vit = llm_part(STAGES["stage2"], frozen=True), vision_part()
     unet = unet_part(STAGES["stage1"])
-    image = _data_shape(STAGES["stage1"])["image"]
+    shape = _data_shape(STAGES["stage1"])
+    image = shape["image"]
     vae = vae_part(image)
-    unet_act = unet.checkpointed_activation_bytes * 2 // _data_shape(STAGES["stage1"])["batch"]  # CFG: a batch of 2
+    unet_act = unet.checkpointed_activation_bytes * 2 // shape["batch"]  # CFG: a batch of 2
     queries = composed_yaml(STAGES["stage2"])["model"]["init_args"].get("story_format", {}).get("num_queries", 64)
     tokens_per_step = caption_tokens + queries + 3  # separator, caption, <img>, Q slots, </img>
     lines = [f"one GPU, a {story_steps}-step story at {image}px ({GENERATE}: {context.get('mode', 'sink')} by default), "

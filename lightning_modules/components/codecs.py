@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
 from datamodules.frozen import Frozen
+
+SDXL_VAE_CONFIG = Path(__file__).with_name("sdxl_vae_config.json")  # SD-XL base 1.0's vae/config.json
 
 
 class PixelCodec(nn.Module):
@@ -67,3 +71,9 @@ def load_codec(vae_path: str | None, subfolder: str = "vae", pixel_patch: int = 
     if vae_path is None:
         return PixelCodec(pixel_patch)
     return VAECodec(AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder, local_files_only=True))
+
+
+def sdxl_vae_architecture() -> AutoencoderKL:
+    """SD-XL's VAE from its published config with random weights (no files but the config): for the
+    memory planner (under ``torch.device("meta")``), the benchmark and the GPU tests."""
+    return AutoencoderKL.from_config(AutoencoderKL.load_config(str(SDXL_VAE_CONFIG)))

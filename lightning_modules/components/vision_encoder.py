@@ -208,7 +208,3 @@ class FrozenVisionEncoder(nn.Module):
             zeros = self._anchor.new_zeros((1, 3, self.image_size, self.image_size))
             self.null_cache = self(zeros)[0].float().cpu()
         return self.null_cache.to(self._anchor.device, self._anchor.dtype)[None].expand(batch, -1, -1)
-
-    def known_null_features(self) -> dict[str, torch.Tensor]:
-        """What an export keeps of the zero image: its (N, D) features (built from the tower if need be)."""
-        return {"null_features": self.null_features(1)[0].float().contiguous()}
