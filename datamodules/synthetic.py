@@ -2,7 +2,9 @@
 
 Every story has a cast of 1-3 named characters and one background style. Each of its 30
 frames shows the world *after* one event (a character enters, leaves, moves, jumps, meets
-another, waves or sits), and its caption names the event and every character on screen.
+another, waves or sits), and its caption names the event and every character on screen. What
+a frame shows follows from the frame before and its caption: a caption names the slot where a
+character enters or walks to, and a story's scenery (where its stars or flowers are) stays put.
 Each record also carries ground truth (``characters`` per frame, ``background``) so that
 character and style consistency of generated stories can be scored.
 
@@ -31,6 +33,14 @@ def _names(names: list[str]) -> str:
     if len(names) == 1:
         return names[0]
     return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _where(slot: int, entering: bool = False) -> str:
+    """The phrase that names a slot: "on the left" where one enters, "to the left" where one walks."""
+    side = "left" if SLOTS[slot] < 0.5 else "right" if SLOTS[slot] > 0.5 else "middle"
+    if side == "middle":
+        return "in the middle" if entering else "to the middle"
+    return f"{'on' if entering else 'to'} the {side}"
 
 
 class StoryWriter:
@@ -77,8 +87,7 @@ class StoryWriter:
         slot = self.rng.choice(self._free_slots())
         actor = Actor(name, slot)
         self.on_screen.append(actor)
-        where = "on the left" if SLOTS[slot] < 0.5 else "on the right" if SLOTS[slot] > 0.5 else "in the middle"
-        return self._with_others(actor, f"{name} enters {where}.")
+        return self._with_others(actor, f"{name} enters {_where(slot, entering=True)}.")
 
     def _leave(self) -> str:
         actor = self.rng.choice(self.on_screen)
@@ -93,9 +102,11 @@ class StoryWriter:
         if not free:
             return self._jump()
         target = self.rng.choice(free)
-        direction = "right" if target > actor.slot else "left"
         actor.slot, actor.sitting = target, False
-        return self._with_others(actor, f"{actor.name} walks to the {direction}.")
+        # the caption names the slot itself, not a direction: "to the right" from the left slot
+        # could be the middle or the right, and a frame the caption leaves open is one the model can
+        # only draw as the average of both (a ghost in each place)
+        return self._with_others(actor, f"{actor.name} walks {_where(target)}.")
 
     def _jump(self) -> str:
         actor = self.rng.choice(self.on_screen)
@@ -114,10 +125,11 @@ class StoryWriter:
 
     def _meet(self) -> str:
         a, b = self.rng.sample(self.on_screen, 2)
-        # b walks next to a when a neighbouring slot is free; either way they meet.
-        near = [s for s in self._free_slots() if abs(s - a.slot) == 1]
-        if near:
-            b.slot = self.rng.choice(near)
+        # b walks next to a when it stands farther off and the slot between them is free; who goes
+        # where follows from the frame before, so the caption need not say it
+        between = (a.slot + b.slot) // 2
+        if abs(a.slot - b.slot) > 1 and between in self._free_slots():
+            b.slot = between
         a.sitting = b.sitting = False
         rest = [x.name for x in self.on_screen if x is not a and x is not b]
         sentence = f"{a.name} and {b.name} meet and say hello."
@@ -169,7 +181,7 @@ def generate(out: Path | str, stories: int, seed: int = 0, size: tuple[int, int]
         images = []
         for frame, actors in enumerate(story["states"]):
             rel = f"{folder}/frame_{frame:02d}.png"
-            render_frame(story["background"], actors, size, variant=index * 100 + frame).save(
+            render_frame(story["background"], actors, size, variant=index).save(
                 image_root / rel, optimize=False
             )
             images.append(rel)

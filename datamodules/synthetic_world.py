@@ -73,7 +73,7 @@ class Actor:
 def render_frame(
     background: Background, actors: list[Actor], size: tuple[int, int], variant: int
 ) -> Image.Image:
-    """Draw one frame. ``variant`` jitters the scenery so frames of a story are not identical."""
+    """Draw one frame. ``variant`` places the scenery's details (stars, flowers, ...): one per story."""
     height, width = size
     image = Image.new("RGB", (width, height), background.sky)
     draw = ImageDraw.Draw(image)
@@ -86,7 +86,7 @@ def render_frame(
 
 
 def _draw_detail(draw: ImageDraw.ImageDraw, bg: Background, w: int, h: int, horizon: int, variant: int) -> None:
-    rng = random.Random(variant * 7919 + len(bg.name))  # fixed per frame: same seed, same bytes
+    rng = random.Random(variant * 7919 + len(bg.name))  # same variant, same bytes
     unit = max(1, min(w, h) // 32)
     if bg.detail == "sun":
         draw.ellipse([w * 0.72, h * 0.06, w * 0.92, h * 0.06 + w * 0.2], fill=(255, 240, 60))

@@ -34,7 +34,7 @@ _SENTENCES = {  # event -> the caption's pattern (``actor``: who acts; ``watcher
     "alone": rf"(?P<actor>{_NAME}) is alone (?P<place>{_PLACE})\.",
     "enter": rf"(?P<actor>{_NAME}) enters (?:on the left|on the right|in the middle)\.{_WATCH}",
     "leave": rf"(?P<actor>{_NAME}) leaves and (?P<stayers>{_LIST}) (?P<stay>stays|stay) (?P<place>{_PLACE})\.",
-    "walk": rf"(?P<actor>{_NAME}) walks to the (?:left|right)\.{_WATCH}",
+    "walk": rf"(?P<actor>{_NAME}) walks to the (?:left|middle|right)\.{_WATCH}",
     "jump": rf"(?P<actor>{_NAME}) jumps high\.{_WATCH}",
     "wave": rf"(?P<actor>{_NAME}) waves hello\.{_WATCH}",
     "sit": rf"(?P<actor>{_NAME}) sits down to rest\.{_WATCH}",

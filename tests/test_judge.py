@@ -38,6 +38,8 @@ MEADOW = "in the meadow"
     ("Rex leaves and Pip stays in the meadow.", {"Rex", "Pip"}, True, True, {"Pip"}),
     ("Rex leaves and Pip stays in the desert.", {"Rex", "Pip"}, True, False, {"Pip"}),  # another place
     ("Rex walks to the left.", {"Rex", "Pip"}, True, False, {"Rex"}),  # Pip left out of the watchers
+    ("Rex walks to the middle. Pip watches.", {"Rex", "Pip"}, True, True, {"Rex", "Pip"}),
+    ("Rex walks to the top.", {"Rex"}, False, False, {"Rex"}),  # no such slot
     ("Rex and Pip meet and say hello. Tiko watches.", {"Rex", "Pip", "Tiko"}, True, True, {"Rex", "Pip", "Tiko"}),
     ("Rex flies to the moon.", {"Rex"}, False, False, {"Rex"}),
 ])
