@@ -301,3 +301,26 @@ def test_generation_never_builds_the_detokenizers_vit(tiny_world, exports):
     assert detokenizer.vision_encoder.frozen_tower is None
     fresh = FrozenVisionEncoder(detokenizer.vision_config)  # the same tower, computing them again
     torch.testing.assert_close(detokenizer.vision_encoder.null_features(1), fresh.null_features(1), atol=1e-6, rtol=0)
+
+
+def test_teacher_forced_features_are_each_frames_regression_from_the_true_frames_before_it(tiny_world, exports, tokenizer_dir,  # noqa: F811
+                                                                                           tmp_path):
+    """``tools.evaluate_stories --source regressed``: frame k is regressed from true frames 0..k-1 and their
+    captions; one pass of ``supervise: all`` over the whole chunk computes the same (its block mask)."""
+    from evaluation.evaluator import save_evaluator
+    from tests.test_story_metrics import random_evaluator
+    from tools.evaluate_stories import reference_scores, teacher_forced_features
+
+    mllm = _module(tokenizer_dir, supervise="all").eval()
+    batch = _stories_batch(tiny_world, n=1, frames=4)
+    frames = {"vit_pixels": batch["vit_pixels"][0], "captions": batch["captions"][0]}
+    with torch.no_grad():
+        one_pass = mllm.forward_story(batch).predicted_features
+        per_frame = teacher_forced_features(mllm, frames)
+    assert per_frame.shape == one_pass.shape == (3, *one_pass.shape[1:])
+    torch.testing.assert_close(per_frame, one_pass, atol=1e-5, rtol=1e-5)
+
+    evaluator = save_evaluator(random_evaluator(), tmp_path / "evaluator")
+    scores = reference_scores(str(evaluator), tiny_world, "test", "regressed", steps=2,
+                              detokenizer_dir=str(exports / "stage1"), num_inference_steps=2, mllm_dir=str(exports / "stage2"))
+    assert 0.0 <= scores["character_f1"] <= 1.0 and scores["fid_evaluator"] >= 0.0

@@ -1,13 +1,19 @@
-"""Reference rows for the story metric table: real frames (the ceiling) and stage-1 reconstructions.
+"""Reference rows for the story metric table: real frames (the ceiling), stage-1 reconstructions and
+one-step regressions.
 
     python -m tools.evaluate_stories --evaluator runs/tiny_evaluator/export \
         --data data/synthetic --split test --source real
     python -m tools.evaluate_stories ... --source reconstruction --detokenizer runs/tiny_stage1/export
+    python -m tools.evaluate_stories ... --source regressed --detokenizer runs/tiny_stage3/export \
+        --mllm runs/tiny_stage2/export
 
 Uses the same protocol and metric code as ``train.py test``: frames 1..``steps`` of each story of
 the split, scored against the true frames with :class:`~evaluation.story_metrics.StoryMetrics`.
 ``real`` scores the true frames themselves (what a perfect generator would get);
-``reconstruction`` scores the de-tokenizer's redrawing of each true frame from its ViT features.
+``reconstruction`` scores the de-tokenizer's redrawing of each true frame from its ViT features;
+``regressed`` draws each frame from the features the stage-2 MLLM regresses for it from the true
+frames and captions before it (teacher forced: one step of a story with nothing of its own read
+back, which separates what one regression loses from what a generated story compounds).
 """
 
 from __future__ import annotations
@@ -25,14 +31,19 @@ from evaluation.story_metrics import StoryMetrics
 
 @torch.no_grad()
 def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, steps: int = 9,
-                     detokenizer_dir: str | None = None, num_inference_steps: int | None = None) -> dict[str, float]:
-    detokenizer = None
+                     detokenizer_dir: str | None = None, num_inference_steps: int | None = None,
+                     mllm_dir: str | None = None) -> dict[str, float]:
+    detokenizer = mllm = None
     vit_size = 64
-    if source == "reconstruction":
+    if source != "real":
         from lightning_modules.detokenizer import load_detokenizer
 
         detokenizer = load_detokenizer(detokenizer_dir).eval()
         vit_size = detokenizer.vision_encoder.image_size
+    if source == "regressed":
+        from lightning_modules.story_mllm import load_mllm
+
+        mllm = load_mllm(mllm_dir)
     dm = StoryStreamDataModule(**{f"{split}_files": str(data / f"{split}.jsonl")}, image_root=str(data / "images"),
                                vit_image_size=vit_size, image_size=64)
     dm.setup({"test": "test", "val": "validate"}[split])
@@ -41,14 +52,28 @@ def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, st
     for index in range(len(dataset.stories)):
         frames = dataset.load_frames(index, range(1, 1 + steps))
         truth = frames["pixels"]
+        generator = torch.Generator().manual_seed(index)
         if detokenizer is None:
             drawn = truth
+        elif mllm is None:
+            drawn = detokenizer.reconstruct(frames["vit_pixels"], generator=generator, num_inference_steps=num_inference_steps)
         else:
-            drawn = detokenizer.reconstruct(frames["vit_pixels"], generator=torch.Generator().manual_seed(index),
-                                            num_inference_steps=num_inference_steps)
+            features = teacher_forced_features(mllm, dataset.load_frames(index, range(0, 1 + steps)))
+            drawn = detokenizer.decode(features, generator=generator, num_inference_steps=num_inference_steps)
         n = len(truth)
         metrics.update(drawn, truth, frames["captions"], frames["characters"], [frames["background"]] * n, [frames["story_id"]] * n)
     return metrics.compute()
+
+
+def teacher_forced_features(mllm, frames: dict) -> torch.Tensor:
+    """The features the MLLM regresses for frames ``1..n-1`` of ``frames``, each from the true frames
+    and captions before it (one pass per frame, so any ``supervise`` setting gives the same)."""
+    regressed = []
+    for end in range(2, len(frames["captions"]) + 1):
+        batch = {"vit_pixels": frames["vit_pixels"][None, :end], "frame_mask": torch.ones(1, end, dtype=torch.bool),
+                 "captions": [frames["captions"][:end]]}
+        regressed.append(mllm.forward_story(batch).predicted_features[-1])
+    return torch.stack(regressed)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,16 +81,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluator", required=True)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--split", default="test", choices=["val", "test"])
-    parser.add_argument("--source", default="real", choices=["real", "reconstruction"])
-    parser.add_argument("--detokenizer", help="stage-1 export, for --source reconstruction")
+    parser.add_argument("--source", default="real", choices=["real", "reconstruction", "regressed"])
+    parser.add_argument("--detokenizer", help="a de-tokenizer export (stage 1 or 3), for --source reconstruction / regressed")
+    parser.add_argument("--mllm", help="a stage-2 export, for --source regressed")
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--num-inference-steps", type=int)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    if args.source == "reconstruction" and not args.detokenizer:
-        parser.error("--source reconstruction needs --detokenizer")
+    if args.source != "real" and not args.detokenizer:
+        parser.error(f"--source {args.source} needs --detokenizer")
+    if args.source == "regressed" and not args.mllm:
+        parser.error("--source regressed needs --mllm")
     scores = reference_scores(args.evaluator, args.data, args.split, args.source, args.steps, args.detokenizer,
-                              args.num_inference_steps)
+                              args.num_inference_steps, args.mllm)
     print(metric_table(scores))
     if args.out:
         args.out.write_text(json.dumps({"metrics": scores, "source": args.source}, indent=2))
