@@ -32,6 +32,7 @@ from datamodules.story_format import StoryFormat, StoryFormatConfig
 from datamodules.tokenizer import load_story_tokenizer
 from lightning_modules.components import sharding, story_llm
 from lightning_modules.components.context_blur import blur_toward_story_mean
+from lightning_modules.components.noise import noise_keys
 from lightning_modules.components.resamplers import ResamplerConfig, build_resampler, resampler_config_from_dict
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.sharding import FSDPSettings
@@ -81,6 +82,15 @@ class StoryMLLMModule(L.LightningModule):
             sharp. Generation reads back its own regressed features, which regression to the mean
             has blurred (a character half-faded where it might have moved); trained on such input,
             the model restores them instead of fading a little more at every step.
+        self_read: in training, this share of the frames the model reads (context and residual
+            base) are replaced by its own regression of them: a first pass without gradients regresses
+            every frame from the true ones before it (needs ``supervise: all``), and the trained pass
+            reads those regressions where the draw says so. A generated story reads back nothing but
+            its own regressions; teacher forcing alone never shows the model one (exposure bias), so
+            its errors compound. Which frames are replaced is keyed by (step, story, frame).
+        self_read_passes: how many regressions deep a replaced frame is: 2 regresses the frames again
+            from a context that already holds the first pass's regressions (the second step of a
+            compounding story), and so on; each pass costs one forward without gradients.
         init_from: a stage-2 export (this project's, or a released agent converted by
             ``python -m tools.convert agent``) whose weights the run starts from: its LoRA adapter
             with the modules trained whole (or its whole LLM when trained without LoRA) and its
@@ -103,6 +113,8 @@ class StoryMLLMModule(L.LightningModule):
         residual_features: bool = False,
         queries_from_previous: bool = False,
         context_blur: float = 0.0,
+        self_read: float = 0.0,
+        self_read_passes: int = 1,
         gradient_checkpointing: bool = False,
         init_from: str | None = None,
         export_dir: str | None = None,
@@ -124,6 +136,10 @@ class StoryMLLMModule(L.LightningModule):
         self.residual_features = residual_features
         self.queries_from_previous = queries_from_previous
         self.context_blur = context_blur
+        if self_read > 0 and self.story_format.config.supervise != "all":
+            raise ValueError("self_read needs story_format.supervise: all (the first pass must regress every frame)")
+        self.self_read = self_read
+        self.self_read_passes = self_read_passes
         self.gradient_checkpointing = gradient_checkpointing
         if init_from is not None:
             read_export(init_from, EXPORT_KIND)  # a wrong path fails here, before anything is built
@@ -208,6 +224,8 @@ class StoryMLLMModule(L.LightningModule):
         if self.training and self.context_blur > 0 and "story_id" in batch:
             read = blur_toward_story_mean(features, feature_index, batch["story_id"], batch["frame_index"],
                                           self.context_blur, seed=self.global_step)
+        if self.training and self.self_read > 0 and "story_id" in batch:
+            read = self.read_own_regressions(seq, features, feature_index, read, batch)
         # one call through forward(): under FSDP the module is the root unit and must run first
         logits, predicted, previous, target = self(seq, features, feature_index, read)
         return StoryOutputs(seq, logits, predicted, target, previous)
@@ -237,6 +255,24 @@ class StoryMLLMModule(L.LightningModule):
         prev_rows = feature_index[seq.target_frames[:, 0], (seq.target_frames[:, 1] - 1).clamp(min=0)]
         previous = features[prev_rows].float()
         return logits, self.regress(queries.float(), previous), previous, targets[target_rows].float()
+
+    @torch.no_grad()
+    def read_own_regressions(self, seq: StorySequence, features: torch.Tensor, feature_index: torch.Tensor,
+                             read: torch.Tensor | None, batch: dict[str, Any]) -> torch.Tensor:
+        """What the trained pass reads (``self_read``): the ``read`` rows (or ``features``), a keyed share
+        of the frames replaced by the model's own regression of them, ``self_read_passes`` deep."""
+        read = features if read is None else read
+        frames = seq.target_frames.tolist()
+        rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
+        keys = noise_keys(self.global_step, 1, [(batch["story_id"][b], batch["frame_index"][b, f]) for b, f in frames])
+        take = torch.tensor([torch.rand((), generator=torch.Generator().manual_seed(k)) < self.self_read for k in keys],
+                            device=rows.device)
+        out = read
+        for _ in range(self.self_read_passes):
+            _, predicted, _, _ = self(seq, features, feature_index, out)
+            out = read.clone()
+            out[rows[take]] = predicted[take].to(out.dtype)
+        return out
 
     def regress(self, queries: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Features of the next frame from the hidden states at its Q generation slots."""
