@@ -32,7 +32,7 @@ from evaluation.story_metrics import StoryMetrics
 @torch.no_grad()
 def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, steps: int = 9,
                      detokenizer_dir: str | None = None, num_inference_steps: int | None = None,
-                     mllm_dir: str | None = None) -> dict[str, float]:
+                     mllm_dir: str | None = None, guidance_scale: float | None = None) -> dict[str, float]:
     detokenizer = mllm = None
     vit_size = 64
     if source != "real":
@@ -56,10 +56,12 @@ def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, st
         if detokenizer is None:
             drawn = truth
         elif mllm is None:
-            drawn = detokenizer.reconstruct(frames["vit_pixels"], generator=generator, num_inference_steps=num_inference_steps)
+            drawn = detokenizer.reconstruct(frames["vit_pixels"], generator=generator, num_inference_steps=num_inference_steps,
+                                            guidance_scale=guidance_scale)
         else:
             features = teacher_forced_features(mllm, dataset.load_frames(index, range(0, 1 + steps)))
-            drawn = detokenizer.decode(features, generator=generator, num_inference_steps=num_inference_steps)
+            drawn = detokenizer.decode(features, generator=generator, num_inference_steps=num_inference_steps,
+                                       guidance_scale=guidance_scale)
         n = len(truth)
         metrics.update(drawn, truth, frames["captions"], frames["characters"], [frames["background"]] * n, [frames["story_id"]] * n)
     return metrics.compute()
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mllm", help="a stage-2 export, for --source regressed")
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--num-inference-steps", type=int)
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the de-tokenizer's own)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.source != "real" and not args.detokenizer:
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.source == "regressed" and not args.mllm:
         parser.error("--source regressed needs --mllm")
     scores = reference_scores(args.evaluator, args.data, args.split, args.source, args.steps, args.detokenizer,
-                              args.num_inference_steps, args.mllm)
+                              args.num_inference_steps, args.mllm, args.guidance_scale)
     print(metric_table(scores))
     if args.out:
         args.out.write_text(json.dumps({"metrics": scores, "source": args.source}, indent=2))
