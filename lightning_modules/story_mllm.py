@@ -29,21 +29,18 @@ from datamodules.batch import batch_size
 from datamodules.exports import jsonable, load_tensors, prefixed, read_export, save_tensors, writing_export
 from datamodules.sequence import IGNORE_INDEX, StorySequence
 from datamodules.story_format import StoryFormat, StoryFormatConfig
-from datamodules.tokenizer import load_story_tokenizer
 from lightning_modules.components import sharding, story_llm
 from lightning_modules.components.context_blur import blur_toward_story_mean
-from lightning_modules.components.noise import noise_keys
+from lightning_modules.components.mllm_init import EXPORT_KIND, RESAMPLERS_FILE, start_from_export
 from lightning_modules.components.resamplers import ResamplerConfig, build_resampler, resampler_config_from_dict
 from lightning_modules.components.schedules import optimizer_config
+from lightning_modules.components.self_read import read_own_regressions
 from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
-from lightning_modules.components.strict_load import load_strictly, state_mismatch
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
 log = logging.getLogger(__name__)
 
-EXPORT_KIND = "mllm"
-RESAMPLERS_FILE = "resamplers.safetensors"
 
 
 @dataclasses.dataclass
@@ -82,15 +79,9 @@ class StoryMLLMModule(L.LightningModule):
             sharp. Generation reads back its own regressed features, which regression to the mean
             has blurred (a character half-faded where it might have moved); trained on such input,
             the model restores them instead of fading a little more at every step.
-        self_read: in training, this share of the frames the model reads (context and residual
-            base) are replaced by its own regression of them: a first pass without gradients regresses
-            every frame from the true ones before it (needs ``supervise: all``), and the trained pass
-            reads those regressions where the draw says so. A generated story reads back nothing but
-            its own regressions; teacher forcing alone never shows the model one (exposure bias), so
-            its errors compound. Which frames are replaced is keyed by (step, story, frame).
-        self_read_passes: how many regressions deep a replaced frame is: 2 regresses the frames again
-            from a context that already holds the first pass's regressions (the second step of a
-            compounding story), and so on; each pass costs one forward without gradients.
+        self_read / self_read_passes: in training, this share of the frames the model reads are its
+            own regressions of them, ``passes`` deep (:mod:`~lightning_modules.components.self_read`;
+            needs ``supervise: all``; each pass is one more forward without gradients).
         init_from: a stage-2 export (this project's, or a released agent converted by
             ``python -m tools.convert agent``) whose weights the run starts from: its LoRA adapter
             with the modules trained whole (or its whole LLM when trained without LoRA) and its
@@ -138,8 +129,7 @@ class StoryMLLMModule(L.LightningModule):
         self.context_blur = context_blur
         if self_read > 0 and self.story_format.config.supervise != "all":
             raise ValueError("self_read needs story_format.supervise: all (the first pass must regress every frame)")
-        self.self_read = self_read
-        self.self_read_passes = self_read_passes
+        self.self_read, self.self_read_passes = self_read, self_read_passes
         self.gradient_checkpointing = gradient_checkpointing
         if init_from is not None:
             read_export(init_from, EXPORT_KIND)  # a wrong path fails here, before anything is built
@@ -225,7 +215,7 @@ class StoryMLLMModule(L.LightningModule):
             read = blur_toward_story_mean(features, feature_index, batch["story_id"], batch["frame_index"],
                                           self.context_blur, seed=self.global_step)
         if self.training and self.self_read > 0 and "story_id" in batch:
-            read = self.read_own_regressions(seq, features, feature_index, read, batch)
+            read = read_own_regressions(self, seq, features, feature_index, read, batch)
         # one call through forward(): under FSDP the module is the root unit and must run first
         logits, predicted, previous, target = self(seq, features, feature_index, read)
         return StoryOutputs(seq, logits, predicted, target, previous)
@@ -255,24 +245,6 @@ class StoryMLLMModule(L.LightningModule):
         prev_rows = feature_index[seq.target_frames[:, 0], (seq.target_frames[:, 1] - 1).clamp(min=0)]
         previous = features[prev_rows].float()
         return logits, self.regress(queries.float(), previous), previous, targets[target_rows].float()
-
-    @torch.no_grad()
-    def read_own_regressions(self, seq: StorySequence, features: torch.Tensor, feature_index: torch.Tensor,
-                             read: torch.Tensor | None, batch: dict[str, Any]) -> torch.Tensor:
-        """What the trained pass reads (``self_read``): the ``read`` rows (or ``features``), a keyed share
-        of the frames replaced by the model's own regression of them, ``self_read_passes`` deep."""
-        read = features if read is None else read
-        frames = seq.target_frames.tolist()
-        rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
-        keys = noise_keys(self.global_step, 1, [(batch["story_id"][b], batch["frame_index"][b, f]) for b, f in frames])
-        take = torch.tensor([torch.rand((), generator=torch.Generator().manual_seed(k)) < self.self_read for k in keys],
-                            device=rows.device)
-        out = read
-        for _ in range(self.self_read_passes):
-            _, predicted, _, _ = self(seq, features, feature_index, out)
-            out = read.clone()
-            out[rows[take]] = predicted[take].to(out.dtype)
-        return out
 
     def regress(self, queries: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Features of the next frame from the hidden states at its Q generation slots."""
@@ -406,31 +378,3 @@ def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> Sto
     module.output_resampler.load_state_dict(prefixed(state, "output_resampler"))
     module.requires_grad_(False)
     return module.to(device).eval()
-
-
-def start_from_export(module: StoryMLLMModule, export_dir: str | Path) -> None:
-    """Load a stage-2 export's trained weights into a freshly built module (``init_from``)."""
-    root, _ = _read_export(export_dir)
-    exported = load_story_tokenizer(root / "tokenizer", module.num_queries).get_vocab()
-    if exported != module.story_format.tokenizer.get_vocab():
-        raise ValueError(f"init_from {root}: its tokenizer numbers tokens unlike story_format.tokenizer "
-                         f"({module.story_format.config.tokenizer}); point story_format.tokenizer at {root / 'tokenizer'}")
-    if (root / "llm_adapter").is_dir() != (module.lora is not None):
-        raise ValueError(f"init_from {root} holds {'an llm_adapter/' if module.lora is None else 'a whole llm/'}: set `lora:` "
-                         "to match (LoRA settings for an adapter, null for a whole LLM)")
-    if module.lora is not None:
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        weights = load_peft_weights(str(root / "llm_adapter"), device="cpu")
-        problems = state_mismatch(get_peft_model_state_dict(module.llm), weights)
-        if problems:
-            raise ValueError(f"init_from {root / 'llm_adapter'} does not fit the LoRA these settings build: " + "; ".join(problems))
-        set_peft_model_state_dict(module.llm, weights)
-    else:
-        trained = story_llm.build_llm(LLMSpec(path=str(root / "llm")))
-        load_strictly(module.llm, trained.state_dict(), f"init_from {root / 'llm'}")
-    state = load_tensors(root, RESAMPLERS_FILE)
-    for name in ("input_resampler", "output_resampler"):
-        load_strictly(getattr(module, name), prefixed(state, name), f"init_from {root / RESAMPLERS_FILE} ({name}.*)")
-    log.info("stage 2 starts from %s", root)

@@ -211,6 +211,8 @@ def test_context_blur_pulls_read_frames_toward_their_story_mean_and_keeps_target
 
 
 def test_self_read_trains_on_the_models_own_regressions_of_the_frames_it_reads(tiny_world, tokenizer_dir):  # noqa: F811
+    from lightning_modules.components.self_read import read_own_regressions
+
     batch = _batch(tiny_world, n=4, max_images=4)
     module = _module(tokenizer_dir, supervise="all", residual_features=True, queries_from_previous=True, self_read=1.0).train()
     features, index = module.story_features(batch)
@@ -221,12 +223,12 @@ def test_self_read_trains_on_the_models_own_regressions_of_the_frames_it_reads(t
         once = features.clone()
         once[targets] = regressed
         _, regressed_again, _, _ = module(seq, features, index, once)
-    read = module.read_own_regressions(seq, features, index, None, batch)
+    read = read_own_regressions(module, seq, features, index, None, batch)
     torch.testing.assert_close(read[targets], regressed)  # share 1: every frame after the first is the model's own
     firsts = index[:, 0]
     torch.testing.assert_close(read[firsts], features[firsts])  # the start frames stay true, as in a generated story
     module.self_read_passes = 2  # two regressions deep: read from a context of regressions
-    torch.testing.assert_close(module.read_own_regressions(seq, features, index, None, batch)[targets], regressed_again)
+    torch.testing.assert_close(read_own_regressions(module, seq, features, index, None, batch)[targets], regressed_again)
     # training reads them (the residual base of each target is the frame before it, as read), targets stay true
     module.self_read_passes = 1
     out = module.forward_story(batch, features, index)
@@ -237,7 +239,7 @@ def test_self_read_trains_on_the_models_own_regressions_of_the_frames_it_reads(t
     assert module.output_resampler.parameters().__next__().grad is not None
     # a share below one replaces some frames, each by its own keyed draw
     module.self_read = 0.5
-    half = module.read_own_regressions(seq, features, index, None, batch)
+    half = read_own_regressions(module, seq, features, index, None, batch)
     replaced = [not torch.equal(half[r], features[r]) for r in targets.tolist()]
     assert any(replaced) and not all(replaced)
     with pytest.raises(ValueError, match="supervise: all"):

@@ -1,0 +1,40 @@
+"""Self-read, stage 2's training on its own regressions (see ``StoryMLLMModule.self_read``).
+
+A generated story reads back nothing but the model's own regressed features; teacher forcing
+alone never shows the model one (exposure bias), so its errors compound from step to step. Here a
+pass without gradients regresses every frame of the chunk from the frames before it, and a keyed
+share of the frames the trained pass reads (context slots, residual base) are replaced by those
+regressions; ``passes`` > 1 regresses again from a context that already holds them (the second
+step of a compounding story, and so on). The start frames and the targets stay true.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_modules.components.noise import noise_keys
+
+
+@torch.no_grad()
+def read_own_regressions(module, seq, features: torch.Tensor, feature_index: torch.Tensor, read: torch.Tensor | None,
+                         batch: dict[str, Any]) -> torch.Tensor:
+    """What the trained pass reads: ``read`` (or ``features``) with a share ``module.self_read`` of the
+    target frames replaced by the module's regression of them, ``module.self_read_passes`` deep.
+
+    Which frames are replaced is drawn per (step, story, frame), so it does not depend on how the
+    batch was split across processes.
+    """
+    read = features if read is None else read
+    rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
+    keys = noise_keys(module.global_step, 1, [(batch["story_id"][b], batch["frame_index"][b, f])
+                                              for b, f in seq.target_frames.tolist()])
+    take = torch.tensor([bool(torch.rand((), generator=torch.Generator().manual_seed(k)) < module.self_read) for k in keys],
+                        dtype=torch.bool, device=rows.device)
+    out = read
+    for _ in range(module.self_read_passes):
+        _, predicted, _, _ = module(seq, features, feature_index, out)
+        out = read.clone()
+        out[rows[take]] = predicted[take].to(out.dtype)
+    return out
