@@ -70,7 +70,6 @@ def test_predict_writes_stories_from_the_converted_release(converted, tmp_path):
          f"--model.init_args.detokenizer_dir={c['detokenizer']}", f"--model.init_args.mllm_dir={c['mllm']}",
          "--model.init_args.evaluator_dir=null", "--model.init_args.generation.steps=2",
          "--model.init_args.generation.num_inference_steps=2", "--model.init_args.generation.decode.max_new_tokens=6",
-         "--model.init_args.generation.decode.min_new_tokens=6",  # a random agent may stop at once: make it write
          f"--data.init_args.predict_files={c['val_files']}", "--trainer.limit_predict_batches=1",
          f"--trainer.default_root_dir={tmp_path}")
     stories = sorted(tmp_path.rglob("story.json"))

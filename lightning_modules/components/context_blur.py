@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.components.noise import noise_keys
+from lightning_modules.components.noise import keyed_uniform, noise_keys
 
 
 def blur_toward_story_mean(features: torch.Tensor, feature_index: torch.Tensor, story_ids: list[str],
@@ -30,7 +30,7 @@ def blur_toward_story_mean(features: torch.Tensor, feature_index: torch.Tensor, 
         rows = feature_index[b, frames]
         mean = features[rows].mean(0, keepdim=True)
         keys = noise_keys(seed, 0, [(story, frame_index[b, f]) for f in frames])
-        share = torch.stack([torch.rand((), generator=torch.Generator().manual_seed(key)) for key in keys]) * max_share
+        share = keyed_uniform(keys) * max_share
         share = share.to(features.device, features.dtype)[:, None, None]
         out[rows] = features[rows] * (1 - share) + mean * share
     return out

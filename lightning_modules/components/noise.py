@@ -61,6 +61,11 @@ def noise_keys(seed: int, step: int | None, frames: list[tuple[str, int]]) -> li
     return [sample_key(seed, -1 if step is None else step, story, int(frame)) for story, frame in frames]
 
 
+def keyed_uniform(keys: list[int]) -> torch.Tensor:
+    """One uniform draw in [0, 1) per key, each from its own generator (the same key, the same draw)."""
+    return torch.stack([torch.rand((), generator=torch.Generator().manual_seed(int(key))) for key in keys])
+
+
 def draw_training_noise(
     shape: tuple[int, ...],
     num_timesteps: int,

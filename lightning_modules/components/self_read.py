@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lightning_modules.components.noise import noise_keys
+from lightning_modules.components.noise import keyed_uniform, noise_keys
 
 
 @torch.no_grad()
@@ -30,8 +30,7 @@ def read_own_regressions(module, seq, features: torch.Tensor, feature_index: tor
     rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
     keys = noise_keys(module.global_step, 1, [(batch["story_id"][b], batch["frame_index"][b, f])
                                               for b, f in seq.target_frames.tolist()])
-    take = torch.tensor([bool(torch.rand((), generator=torch.Generator().manual_seed(k)) < module.self_read) for k in keys],
-                        dtype=torch.bool, device=rows.device)
+    take = (keyed_uniform(keys) < module.self_read).to(rows.device)
     out = read
     for _ in range(module.self_read_passes):
         _, predicted, _, _ = module(seq, features, feature_index, out)
