@@ -1,6 +1,6 @@
 """The whole embedded pipeline on a CPU, one command: ``python quickstart.py``.
 
-Makes the synthetic world, trains the evaluator and the three stages with the tiny configs (each
+Makes the synthetic world, trains the evaluator, the visual tokenizer and the three stages with the tiny configs (each
 through ``train.py fit``), generates 25-step stories (``train.py predict``) and scores the test
 split (``train.py test``), then draws the median story by the judge's coherence. A stage whose output already exists is skipped, so a re-run resumes
 where the last one stopped; ``--fresh`` starts over. Prints one summary line per stage and,
@@ -41,6 +41,9 @@ STAGES = [
           "data/synthetic/test.jsonl"),
     Stage("evaluator", [*TRAIN, "fit", *DATA, "--config", "configs/tiny/evaluator.yaml"],
           "runs/tiny_evaluator/export/export.json", "runs/tiny_evaluator"),
+    # the visual tokenizer stages 1 and 2 read (configs/tiny/vision_encoder.yaml): a separate tiny CLIP
+    Stage("tokenizer", [*TRAIN, "fit", *DATA, "--config", "configs/tiny/visual_tokenizer.yaml"],
+          "runs/tiny_tokenizer/export/export.json", "runs/tiny_tokenizer"),
     Stage("stage1", [*TRAIN, "fit", *DATA, *LOGGING, "--config", "configs/tiny/stage1_detokenizer.yaml"],
           "runs/tiny_stage1/export/export.json", "runs/tiny_stage1"),
     Stage("stage2", [*TRAIN, "fit", *DATA, *LOGGING, "--config", "configs/tiny/stage2_mllm.yaml"],

@@ -7,8 +7,11 @@ Fits closed-form ridge regressions on train frames and scores them on val frames
 - **pixels**: each token -> its own ``patch x patch`` RGB patch (a linear de-tokenizer); PSNR of
   the reassembled frame. High PSNR means the tokens keep the picture, spatially in place.
 - **characters**: all tokens (flattened) -> which characters are on screen (multi-label); F1.
+- **mean token**: the tokens' mean -> characters (F1) and background (accuracy): what is left
+  once where things are is averaged away.
 
-The same read-outs from the raw ViT-view pixels give the reference. Prints a table.
+The same read-outs from the raw ViT-view pixels, and from the seeded random tower the tiny
+pipeline used before its tokenizer was pretrained, give the references. Prints a table.
 """
 
 from __future__ import annotations
@@ -20,21 +23,24 @@ import torch
 import yaml
 
 from datamodules.storystream import StoryStreamDataModule
-from datamodules.synthetic_world import CHARACTER_NAMES
+from datamodules.synthetic_world import BACKGROUND_NAMES, CHARACTER_NAMES
 from evaluation.evaluator import names_to_multi_hot
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
 
 def collect(dm: StoryStreamDataModule, loader, encoder: FrozenVisionEncoder, limit: int) -> dict[str, torch.Tensor]:
-    feats, pixels, vit, labels = [], [], [], []
+    feats, pixels, vit, labels, backgrounds = [], [], [], [], []
     for batch in loader:
         feats.append(encoder(batch["vit_pixels"]))
         vit.append(batch["vit_pixels"])
         pixels.append(batch["pixels"])
         labels.append(names_to_multi_hot(batch["characters"], CHARACTER_NAMES))
+        backgrounds.append(torch.nn.functional.one_hot(torch.tensor([BACKGROUND_NAMES.index(b) for b in batch["background"]]),
+                                                       len(BACKGROUND_NAMES)).float())
         if sum(len(f) for f in feats) >= limit:
             break
-    return {"features": torch.cat(feats)[:limit], "vit": torch.cat(vit)[:limit], "pixels": torch.cat(pixels)[:limit], "labels": torch.cat(labels)[:limit]}
+    return {"features": torch.cat(feats)[:limit], "vit": torch.cat(vit)[:limit], "pixels": torch.cat(pixels)[:limit],
+            "labels": torch.cat(labels)[:limit], "backgrounds": torch.cat(backgrounds)[:limit]}
 
 
 def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1e-2) -> torch.Tensor:
@@ -72,12 +78,17 @@ def readouts(name: str, train_tokens: torch.Tensor, val_tokens: torch.Tensor, tr
     mean_image = train["pixels"].mean(0, keepdim=True).expand_as(val["pixels"])
     wc = ridge(train_tokens.flatten(1), train["labels"], lam=1.0)
     pred = (apply(wc, val_tokens.flatten(1)) > 0.5).float()
+    train_mean, val_mean = train_tokens.mean(1), val_tokens.mean(1)
+    mean_chars = (apply(ridge(train_mean, train["labels"], lam=1e-3), val_mean) > 0.5).float()
+    mean_bg = apply(ridge(train_mean, train["backgrounds"], lam=1e-3), val_mean).argmax(1)
     return {
         "read-out from": name,
         "tokens": f"{train_tokens.shape[1]} x {train_tokens.shape[2]}",
         "patch PSNR dB": f"{psnr(recon, vp):.2f}",
         "mean-image PSNR dB": f"{psnr(mean_image, val['pixels']):.2f}",
         "character F1": f"{f1(pred, val['labels']):.3f}",
+        "mean token: character F1": f"{f1(mean_chars, val['labels']):.3f}",
+        "mean token: background acc.": f"{float((mean_bg == val['backgrounds'].argmax(1)).float().mean()):.3f}",
     }
 
 
@@ -98,9 +109,15 @@ def main() -> None:
     dm.setup("fit")
     train = collect(dm, dm.train_dataloader(), encoder, args.frames)
     val = collect(dm, dm.val_dataloader(), encoder, args.frames // 4)
-    grid = encoder.image_size // config.patch_size
+    grid = int(train["features"].shape[1] ** 0.5)  # tokens per side
+    random_tower = FrozenVisionEncoder(VisionEncoderConfig(image_size=encoder.image_size))  # "tiny_clip", seed 0
+
+    def features(split: dict) -> torch.Tensor:
+        return torch.cat([random_tower(v) for v in split["vit"].split(100)])
+
     rows = [
-        readouts(f"frozen tower ({config.backend})", train["features"], val["features"], train, val),
+        readouts(f"frozen tower ({args.config})", train["features"], val["features"], train, val),
+        readouts("seeded random tower (tiny_clip)", features(train), features(val), train, val),
         readouts("raw ViT-view pixels", patches(train["vit"], grid), patches(val["vit"], grid), train, val),
     ]
     keys = list(rows[0])

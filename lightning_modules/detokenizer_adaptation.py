@@ -50,6 +50,12 @@ class DetokenizerAdaptationModule(L.LightningModule):
         train_unet: what of the UNet trains besides the adapter (``kv`` is SEED-Story's choice).
         cond_dropout: share of samples trained on the zero-image features (keeps CFG working).
         supervise: ``all`` regresses every frame after the first of a chunk; ``last`` only the last.
+        read_own: 0 trains on teacher-forced regressions (each from the true frames before it, the
+            reference recipe). ``k`` > 0 regresses the chunk ``k`` more times, each pass reading the
+            previous pass's regressions in place of the true frames after the first, so frame ``t``
+            is drawn from what a generated story with the true captions would regress there (exactly
+            so once ``k`` >= frames - 2): the de-tokenizer learns to draw from the features it is
+            given in a story, faded ones included, not only from one-step regressions.
         val_images: validation decodes this many frames from regressed features and logs PSNR.
         generation: story generation settings for validation decoding and the callbacks' stories.
         export_dir: where the adapted de-tokenizer is saved at the end of ``fit``.
@@ -65,6 +71,7 @@ class DetokenizerAdaptationModule(L.LightningModule):
         train_unet: TrainUNet = "kv",
         cond_dropout: float = 0.1,
         supervise: Supervise = "all",
+        read_own: int = 0,
         val_images: int = 8,
         generation: GenerationSettings | None = None,
         export_dir: str | None = None,
@@ -78,6 +85,9 @@ class DetokenizerAdaptationModule(L.LightningModule):
         self.detokenizer_dir, self.mllm_dir = detokenizer_dir, mllm_dir
         self.train_unet = train_unet
         self.cond_dropout = cond_dropout
+        if read_own < 0:
+            raise ValueError(f"read_own is a number of passes, 0 or more; got {read_own}")
+        self.read_own = read_own
         self.val_images = val_images
         self.generation = generation or GenerationSettings()
         if self.generation.offload:
@@ -116,9 +126,23 @@ class DetokenizerAdaptationModule(L.LightningModule):
 
     @torch.no_grad()
     def regressed_features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features the frozen MLLM regresses for the chunk's target frames, and their (row, frame)."""
-        out = self.mllm.forward_story(batch)
-        return out.predicted_features.detach(), out.sequence.target_frames.to(self.device)
+        """Features the frozen MLLM regresses for the chunk's target frames, and their (row, frame)
+        (``read_own`` passes deep: see the class docs)."""
+        mllm = self.mllm
+        if self.read_own == 0:
+            out = mllm.forward_story(batch)
+            return out.predicted_features.detach(), out.sequence.target_frames.to(self.device)
+        mllm.ensure_built()
+        features, feature_index = mllm.story_features(batch)
+        seq = batch["sequence"] if "sequence" in batch else mllm.story_format.encode_batch(batch["captions"])
+        seq = seq.to(self.device)
+        rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
+        read = features
+        for _ in range(self.read_own + 1):
+            _, predicted, _, _ = mllm(seq, features, feature_index, read)
+            read = features.clone()
+            read[rows] = predicted.to(read.dtype)
+        return predicted.detach(), seq.target_frames.to(self.device)
 
     def _frames(self, batch: dict[str, Any], frames: torch.Tensor, key: str) -> torch.Tensor:
         return batch[key][frames[:, 0], frames[:, 1]]

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, CLIPModel
 
 from datamodules.batch import batch_size
 from datamodules.story_format import StoryFormat
-from datamodules.synthetic_world import BACKGROUND_NAMES, CHARACTER_NAMES
+from datamodules.synthetic_world import BACKGROUND_NAMES, BACKGROUNDS, CHARACTER_NAMES
 from evaluation.evaluator import StoryEvaluator, make_evaluator_tokenizer, save_evaluator, tiny_clip_config
 from lightning_modules.components import sharding
 from lightning_modules.components.schedules import optimizer_config
@@ -38,6 +38,9 @@ def contrastive_loss(
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=logits.dtype, device=logits.device)
     targets = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+_PLACES = {b.name: b.place for b in BACKGROUNDS}
 
 
 # -- the LightningModule -------------------------------------------------------------------
@@ -57,6 +60,10 @@ class EvaluatorModule(L.LightningModule):
         image_size ... max_text_length: the tiny CLIPConfig (see :func:`tiny_clip_config`).
         seed: initialises the towers and heads, independent of the global seed.
         contrastive_weight / character_weight / background_weight: loss mix.
+        scene_in_text: the contrastive text is the caption and the frame's place ("Pip waves
+            hello. In the snow."): the world's captions name the place only when a story starts,
+            so a tower learnt on them alone barely tells backgrounds apart (web captions, what
+            Qwen-VL's ViT learnt from, name the scene). The world's own text, no label head.
         export_dir: written by :func:`save_evaluator` at the end of ``fit`` (rank zero).
     """
 
@@ -77,6 +84,7 @@ class EvaluatorModule(L.LightningModule):
         contrastive_weight: float = 1.0,
         character_weight: float = 1.0,
         background_weight: float = 1.0,
+        scene_in_text: bool = False,
         optimizer: OptimizerCallable = _default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str | None = None,
@@ -91,20 +99,19 @@ class EvaluatorModule(L.LightningModule):
         self.net: StoryEvaluator | None = None
         # frames only: the datamodule's ViT view takes the evaluator's input size (linked by the CLI)
         self.story_format = StoryFormat(None, image_size)
-        self.stage_metrics = nn.ModuleDict({stage: self._metrics() for stage in ("val", "test")})
+        # a head weighted 0 never learns: its scores would only be noise in the logs
+        self.scored = {"characters": character_weight > 0, "background": background_weight > 0}
+        self.stage_metrics = nn.ModuleDict({stage: self._metrics(**self.scored) for stage in ("val", "test")})
 
     @staticmethod
-    def _metrics() -> MetricCollection:
+    def _metrics(characters: bool, background: bool) -> MetricCollection:
         n_chars, n_bgs = len(CHARACTER_NAMES), len(BACKGROUND_NAMES)
-        return MetricCollection(
-            {
-                "char_f1": MultilabelF1Score(n_chars, average="micro"),
-                "frame_acc": MultilabelExactMatch(n_chars),
-                "background_acc": MulticlassAccuracy(n_bgs, average="micro"),
-                "retrieval_acc": MeanMetric(),
-            },
-            compute_groups=False,
-        )
+        metrics: dict[str, Any] = {"retrieval_acc": MeanMetric()}
+        if characters:
+            metrics |= {"char_f1": MultilabelF1Score(n_chars, average="micro"), "frame_acc": MultilabelExactMatch(n_chars)}
+        if background:
+            metrics["background_acc"] = MulticlassAccuracy(n_bgs, average="micro")
+        return MetricCollection(metrics, compute_groups=False)
 
     # -- building --------------------------------------------------------------------------
 
@@ -154,42 +161,48 @@ class EvaluatorModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------
 
+    def _texts(self, batch: dict[str, Any]) -> list[str]:
+        if not self.hparams.scene_in_text:
+            return list(batch["captions"])
+        return [f"{caption} {_PLACES[background].capitalize()}." for caption, background in zip(batch["captions"], batch["background"])]
+
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         n = batch_size(batch)
         if n == 0:
             return None
         net = self.net
         image = net.image_embeddings(batch["pixels"])
-        text = net.text_embeddings(batch["captions"])
+        captions = self._texts(batch)
+        text = net.text_embeddings(captions)
         char_logits, bg_logits = net.heads(image)
         char_target = net.character_targets(batch["characters"])
         bg_target = net.background_targets(batch["background"])
         losses = {
-            "contrastive": contrastive_loss(net.clip.logit_scale, image, text, batch["captions"]),
+            "contrastive": contrastive_loss(net.clip.logit_scale, image, text, captions),
             "characters": F.binary_cross_entropy_with_logits(char_logits, char_target.float()),
             "background": F.cross_entropy(bg_logits, bg_target),
         }
         hp = self.hparams
-        loss = (
-            hp.contrastive_weight * losses["contrastive"]
-            + hp.character_weight * losses["characters"]
-            + hp.background_weight * losses["background"]
-        )
+        weights = {"contrastive": hp.contrastive_weight, "characters": hp.character_weight, "background": hp.background_weight}
+        loss = sum(weights[name] * value for name, value in losses.items())
         on_step = stage == "train"
         for name, value in losses.items():
-            self.log(f"{stage}/loss_{name}", value, batch_size=n, on_step=on_step, on_epoch=not on_step)
+            if weights[name] > 0:
+                self.log(f"{stage}/loss_{name}", value, batch_size=n, on_step=on_step, on_epoch=not on_step)
         self.log(f"{stage}/loss", loss, batch_size=n, prog_bar=True, on_step=on_step, on_epoch=not on_step)
         if stage in self.stage_metrics:
-            self._update_metrics(stage, image, text, char_logits, bg_logits, char_target, bg_target, batch["captions"])
+            self._update_metrics(stage, image, text, char_logits, bg_logits, char_target, bg_target, captions)
         return loss
 
     def _update_metrics(
         self, stage: str, image, text, char_logits, bg_logits, char_target, bg_target, captions
     ) -> None:
         metrics = self.stage_metrics[stage]
-        metrics["char_f1"].update(torch.sigmoid(char_logits), char_target)
-        metrics["frame_acc"].update(torch.sigmoid(char_logits), char_target)
-        metrics["background_acc"].update(bg_logits, bg_target)
+        if self.scored["characters"]:
+            metrics["char_f1"].update(torch.sigmoid(char_logits), char_target)
+            metrics["frame_acc"].update(torch.sigmoid(char_logits), char_target)
+        if self.scored["background"]:
+            metrics["background_acc"].update(bg_logits, bg_target)
         # image -> text retrieval in the batch; a retrieved caption with the same text counts as right
         best = (F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T).argmax(-1).tolist()
         hits = torch.tensor([float(captions[j] == captions[i]) for i, j in enumerate(best)], device=image.device)

@@ -23,6 +23,25 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_tower(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for the quickstart's visual tokenizer (``runs/tiny_tokenizer/export``, which
+    configs/tiny/vision_encoder.yaml reads): a seeded random CLIP vision tower folder at its sizes."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    out = tmp_path_factory.mktemp("tiny_tower")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=8, hidden_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=256)).save_pretrained(str(out))
+    return out
+
+
+def tower_args(tower: Path) -> list[str]:
+    """The command-line override that points a tiny stage config at a tower folder."""
+    return [f"--model.init_args.vision_encoder.path={tower}"]
+
+
 def data_args(world: Path, **overrides) -> dict:
     """StoryStreamDataModule kwargs for a synthetic world folder."""
     args = dict(
@@ -60,8 +79,9 @@ def tiny_init_args(config: str) -> dict:
     return yaml.safe_load(Path(config).read_text())["model"]["init_args"]
 
 
-def tiny_detokenizer_args() -> dict:
-    """The tiny stage-1 config's de-tokenizer, as ``DetokenizerModule`` arguments (encoder, adapter, UNet, noise)."""
+def tiny_detokenizer_args(tower: Path) -> dict:
+    """The tiny stage-1 config's de-tokenizer, as ``DetokenizerModule`` arguments (encoder, adapter, UNet, noise),
+    reading the visual tokenizer from ``tower`` (see :func:`tiny_tower`)."""
     import yaml
 
     from lightning_modules.components.noise import NoiseSpec
@@ -71,7 +91,7 @@ def tiny_detokenizer_args() -> dict:
 
     args = tiny_init_args("configs/tiny/stage1_detokenizer.yaml")
     vision = yaml.safe_load(Path("configs/tiny").joinpath(args["vision_encoder"]).read_text())
-    return dict(vision_encoder=VisionEncoderConfig(**vision), adapter=adapter_config_from_dict(args["adapter"]),
+    return dict(vision_encoder=VisionEncoderConfig(**{**vision, "path": str(tower)}), adapter=adapter_config_from_dict(args["adapter"]),
                 unet=UNetSpec(config=args["unet"]["config"]), noise=NoiseSpec(**args["noise"]),
                 pixel_patch=args["pixel_patch"], position_channels=args["position_channels"])
 

@@ -93,6 +93,32 @@ def test_vision_encoder_pooling_and_size_check():
     assert null.shape == (3, 4, 32) and torch.equal(null[0], enc(torch.zeros(1, 3, 32, 32))[0])
 
 
+def test_hf_backend_reads_the_vision_tower_of_a_whole_clip_folder_through_its_final_norm(tmp_path):
+    """The tiny visual tokenizer's export is a whole CLIP folder: the encoder keeps its vision tower,
+    and post_layernorm passes every patch token through the tower's final LayerNorm."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    text = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text)).eval()
+    clip.save_pretrained(str(tmp_path / "clip"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = clip.vision_model(pixel_values=x).last_hidden_state[:, 1:]
+        normed = clip.vision_model.post_layernorm(tokens)
+    config = dict(backend="hf", path=str(tmp_path / "clip"), image_size=32)
+    torch.testing.assert_close(FrozenVisionEncoder(VisionEncoderConfig(**config))(x), tokens)
+    torch.testing.assert_close(FrozenVisionEncoder(VisionEncoderConfig(**config, post_layernorm=True))(x), normed)
+    assert not torch.allclose(tokens, normed)
+
+
+def test_hf_backend_names_a_missing_folder_and_the_command_that_makes_it(tmp_path):
+    enc = FrozenVisionEncoder(VisionEncoderConfig(backend="hf", path=str(tmp_path / "nowhere"), image_size=32))
+    with pytest.raises(FileNotFoundError, match="configs/tiny/visual_tokenizer.yaml"):
+        enc(torch.zeros(1, 3, 32, 32))
+
+
 def test_qwen_vl_backend_has_vit_g_shape_and_names_a_wrong_weights_path(tmp_path):
     enc = FrozenVisionEncoder(VisionEncoderConfig(backend="qwen_vl", path=str(tmp_path / "nowhere")))
     assert (enc.num_tokens, enc.dim, enc.image_size) == (256, 4096, 448)  # known without building the tower

@@ -287,7 +287,7 @@ class RepeatBatch(IterableDataset):
 
 
 @pytest.mark.slow
-def test_overfits_a_handful_of_frames(tiny_world: Path):
+def test_overfits_a_handful_of_frames(tiny_world: Path, tiny_tower: Path):
     """A few frames: the loss falls clearly and reconstructions beat the mean image on PSNR."""
     from datamodules.storystream import StoryStreamDataModule
 
@@ -305,7 +305,7 @@ def test_overfits_a_handful_of_frames(tiny_world: Path):
     batch.pop("skipped", None)
     torch.manual_seed(0)
     # the tiny config's architecture and noise (SD-XL schedule, x0 prediction)
-    module = DetokenizerModule(**tiny_detokenizer_args(), train_unet="full", cond_dropout=0.0)
+    module = DetokenizerModule(**tiny_detokenizer_args(tiny_tower), train_unet="full", cond_dropout=0.0)
     steps = 200
 
     def one_cycle():  # the tiny config's schedule: warm up, then anneal to a settled model

@@ -133,6 +133,41 @@ def test_fast_dev_run_of_the_tiny_config(tiny_world, tmp_path):
         assert torch.allclose(loaded.image_features(images), cli.model.image_features(images), atol=1e-5)
 
 
+def test_the_visual_tokenizer_config_learns_from_text_alone_and_exports_the_tower_stage_1_reads(tiny_world, tmp_path):
+    """configs/tiny/visual_tokenizer.yaml: the evaluator's module with the label heads weighted 0 (and
+    not scored), the contrastive text naming the place, exported where configs/tiny/vision_encoder.yaml
+    reads its tower, which gives the trained tower's tokens."""
+    import yaml
+
+    from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
+
+    export = tmp_path / "export"
+    cli = cli_main([
+        *config_command("configs/tiny/visual_tokenizer.yaml"),
+        f"--data.init_args.train_files={tiny_world / 'train.jsonl'}", f"--data.init_args.val_files={tiny_world / 'val.jsonl'}",
+        f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
+        "--data.init_args.synthetic=null", "--data.init_args.batch_size=8",
+        f"--model.init_args.tokenizer_path={tmp_path / 'tok'}", f"--model.init_args.export_dir={export}",
+        "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path / 'run'}",
+    ])
+    net = cli.model.net
+    assert cli.model.hparams.character_weight == cli.model.hparams.background_weight == 0.0
+    logged = set(cli.trainer.callback_metrics)
+    assert "val/retrieval_acc" in logged and not logged & {"val/char_f1", "val/background_acc", "train/loss_characters"}
+    # the contrastive text names the frame's place, as a web caption would
+    assert cli.model._texts({"captions": ["Pip waves hello."], "background": ["night"]}) == ["Pip waves hello. Under the night sky."]
+    # the config exports where the tiny stages read their tower
+    encoder = yaml.safe_load(Path("configs/tiny/vision_encoder.yaml").read_text())
+    written = yaml.safe_load(Path("configs/tiny/visual_tokenizer.yaml").read_text())["trainer"]["default_root_dir"]
+    assert encoder["path"] == f"{written}/export"
+    tower = FrozenVisionEncoder(VisionEncoderConfig(**{**encoder, "path": str(export)}))
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        vision = net.clip.vision_model.eval()
+        want = vision.post_layernorm(vision(pixel_values=pixels).last_hidden_state[:, 1:])
+    torch.testing.assert_close(tower(pixels), want)
+
+
 # -- does it actually evaluate? -----------------------------------------------------------
 
 

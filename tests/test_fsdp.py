@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from datamodules.tokenizer import make_tiny_tokenizer
-from tests.conftest import config_command, config_files
+from tests.conftest import config_command, config_files, tower_args
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
 from tools.consolidate import consolidate, read_checkpoint
@@ -73,9 +73,9 @@ def _mean_weight_difference(a: dict, b: dict) -> float:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tmp_path):
+def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tiny_tower, tmp_path):
     tokenizer = make_tiny_tokenizer(tiny_world / "train.jsonl", tmp_path / "tokenizer")
-    common = [*_data(tiny_world), f"--model.init_args.story_format.tokenizer={tokenizer}", "--model.init_args.scheduler=null",
+    common = [*_data(tiny_world), *tower_args(tiny_tower), f"--model.init_args.story_format.tokenizer={tokenizer}", "--model.init_args.scheduler=null",
               "--trainer.max_steps=4", "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1"]
     _fit(tmp_path / "single", "configs/tiny/stage2_mllm.yaml", [*common, "--data.init_args.batch_size=8"])
     _fit(tmp_path / "fsdp", "configs/tiny/stage2_mllm.yaml", [*common, "--config", FSDP_CPU, "--data.init_args.batch_size=4"])
@@ -86,7 +86,7 @@ def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tmp
     sharded = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
     assert sharded.is_dir()
     export = consolidate(config_files("configs/tiny/stage2_mllm.yaml"), sharded, tmp_path / "export",
-                         [f"--model.init_args.story_format.tokenizer={tokenizer}", *_data(tiny_world)])
+                         [f"--model.init_args.story_format.tokenizer={tokenizer}", *_data(tiny_world), *tower_args(tiny_tower)])
     from lightning_modules.story_mllm import load_mllm
 
     reloaded = load_mllm(export).state_dict()
@@ -100,18 +100,18 @@ def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tmp
     assert _mean_weight_difference(single, gathered) < 1e-3
 
 
-def _stage1_args(world: Path) -> list[str]:
-    return [*_data(world), "--data.init_args.image_size=64", "--model.init_args.val_images=0",
+def _stage1_args(world: Path, tower: Path) -> list[str]:
+    return [*_data(world), *tower_args(tower), "--data.init_args.image_size=64", "--model.init_args.val_images=0",
             "--model.init_args.scheduler=null", "--trainer.val_check_interval=3", "--trainer.max_steps=3",
             "--trainer.limit_val_batches=1.0", "--data.init_args.eval_batch_size=10"]  # the whole val split
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_stage1_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tmp_path):
+def test_stage1_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tiny_tower, tmp_path):
     config = "configs/tiny/stage1_detokenizer.yaml"
-    _fit(tmp_path / "single", config, [*_stage1_args(tiny_world), "--data.init_args.batch_size=4"])
-    _fit(tmp_path / "fsdp", config, [*_stage1_args(tiny_world), "--config", FSDP_CPU, "--data.init_args.batch_size=2"])
+    _fit(tmp_path / "single", config, [*_stage1_args(tiny_world, tiny_tower), "--data.init_args.batch_size=4"])
+    _fit(tmp_path / "fsdp", config, [*_stage1_args(tiny_world, tiny_tower), "--config", FSDP_CPU, "--data.init_args.batch_size=2"])
     _assert_same_training(tmp_path / "single", tmp_path / "fsdp")
     _assert_half_the_bytes(tmp_path / "single", tmp_path / "fsdp")
     a = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")["state_dict"]
@@ -145,12 +145,12 @@ def _steps(out: Path, rank: int) -> list[dict]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fsdp_run_killed_resumes_from_last_exactly_and_consolidates(tiny_world, tmp_path):
+def test_fsdp_run_killed_resumes_from_last_exactly_and_consolidates(tiny_world, tiny_tower, tmp_path):
     config = "configs/tiny/stage1_detokenizer.yaml"
 
     def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
         return _fit(out, config, [
-            *_data(tiny_world), "--config", FSDP_CPU, "--data.init_args.image_size=64", "--data.init_args.batch_size=2",
+            *_data(tiny_world), *tower_args(tiny_tower), "--config", FSDP_CPU, "--data.init_args.image_size=64", "--data.init_args.batch_size=2",
             "--model.init_args.scheduler=null", "--trainer.max_steps=6", "--trainer.limit_val_batches=0",
             "--trainer.callbacks+={'class_path': 'lightning.pytorch.callbacks.ModelCheckpoint', 'init_args': "
             "{'every_n_train_steps': 2, 'save_top_k': -1}}",
@@ -175,7 +175,7 @@ def test_fsdp_run_killed_resumes_from_last_exactly_and_consolidates(tiny_world, 
             assert abs(got["loss"] - want["loss"]) < 1e-4 * max(1.0, abs(want["loss"])), (trajectory, reference)
     # both final sharded checkpoints consolidate into stage 1's export; diffusers loads the UNet
     folders = [consolidate([*config_files(config), FSDP_CPU], tmp_path / run_name / "checkpoints" / "last.ckpt", tmp_path / f"{run_name}_export",
-                           _data(tiny_world)) for run_name in ("whole", "crash")]
+                           [*_data(tiny_world), *tower_args(tiny_tower)]) for run_name in ("whole", "crash")]
     from diffusers import UNet2DConditionModel
 
     unets = [UNet2DConditionModel.from_pretrained(e, subfolder="unet").state_dict() for e in folders]

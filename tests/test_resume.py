@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from callbacks.resilience import NonFiniteGuard
-from tests.conftest import config_command
+from tests.conftest import config_command, tower_args
 from tests.helpers import PixelMeanProbe
 
 
-def _fit(world, out, extra):
-    cmd = [sys.executable, "train.py", *config_command("configs/tiny/stage1_detokenizer.yaml"),
+def _fit(world, tower, out, extra):
+    cmd = [sys.executable, "train.py", *config_command("configs/tiny/stage1_detokenizer.yaml"), *tower_args(tower),
            f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'val.jsonl'}",
            f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
            "--data.init_args.synthetic=null", "--data.init_args.batch_size=4", "--data.init_args.image_size=64",
@@ -32,17 +32,17 @@ def _steps(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
-def test_killed_run_resumes_with_the_same_steps_samples_and_losses(tiny_world, tmp_path, signal_name):
-    whole = _fit(tiny_world, tmp_path / "whole", [])
+def test_killed_run_resumes_with_the_same_steps_samples_and_losses(tiny_world, tiny_tower, tmp_path, signal_name):
+    whole = _fit(tiny_world, tiny_tower, tmp_path / "whole", [])
     assert whole.returncode == 0, whole.stderr[-2000:]
-    crashed = _fit(tiny_world, tmp_path / "crash", [
+    crashed = _fit(tiny_world, tiny_tower, tmp_path / "crash", [
         f"--trainer.callbacks+={{'class_path': 'tests.helpers.KillAtStep', 'init_args': {{'step': 5, 'signal_name': '{signal_name}'}}}}"])
     if signal_name == "SIGKILL":
         assert crashed.returncode != 0  # really killed
     before = _steps(tmp_path / "crash")  # SIGTERM: Lightning stops gracefully at the next step boundary
     assert [s["step"] for s in before] == [1, 2, 3, 4, 5]
     torch.load(tmp_path / "crash" / "ckpt" / "last.ckpt", weights_only=False)  # "last" is complete, not half written
-    resumed = _fit(tiny_world, tmp_path / "crash", ["--ckpt_path", str(tmp_path / "crash" / "ckpt" / "last.ckpt")])
+    resumed = _fit(tiny_world, tiny_tower, tmp_path / "crash", ["--ckpt_path", str(tmp_path / "crash" / "ckpt" / "last.ckpt")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after = _steps(tmp_path / "crash")[len(before):]
     reference = _steps(tmp_path / "whole")

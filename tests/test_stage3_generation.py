@@ -111,6 +111,25 @@ def test_adaptation_loss_falls_and_beats_stage1_on_regressed_features(tiny_world
     assert psnr() > before + 3
 
 
+def test_read_own_trains_on_the_features_a_story_with_the_true_captions_regresses(tiny_world, exports):
+    """``read_own`` >= frames - 2: each frame's features are what the story generator regresses for it
+    when given the true captions from the first frame (dense context, its own features read back)."""
+    batch = _stories_batch(tiny_world, n=1, frames=4)
+    module = _stage3(exports, read_own=2)
+    with torch.no_grad():
+        features, frames = module.regressed_features(batch)
+        one_step, _ = _stage3(exports).regressed_features(batch)
+    assert frames.tolist() == [[0, 1], [0, 2], [0, 3]]
+    settings = GenerationSettings(draw_images=False, context=ContextPolicy(mode="dense"))
+    captions = batch["captions"][0]
+    story = module.story_generator(settings).generate(batch["vit_pixels"][0, :1], captions[:1], captions=captions[1:4])
+    generated = torch.stack([step.features for step in story.steps[1:]])
+    torch.testing.assert_close(features.float(), generated.float().to(features.device), atol=1e-4, rtol=1e-4)
+    # the first target reads only the true start frame; later ones read regressions, not the truth
+    torch.testing.assert_close(features[0], one_step[0])
+    assert not torch.allclose(features[2], one_step[2], atol=1e-4)
+
+
 def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
     from evaluation.evaluator import save_evaluator
     from tests.test_story_metrics import random_evaluator

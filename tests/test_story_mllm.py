@@ -12,7 +12,7 @@ from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
 from lightning_modules.story_mllm import StoryMLLMModule, load_mllm, save_mllm
-from tests.conftest import config_command, data_args, tiny_init_args
+from tests.conftest import config_command, data_args, tiny_init_args, tower_args
 from tools.cli import cli_main
 
 TINY_ENCODER = VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
@@ -129,11 +129,11 @@ def test_saved_lora_adapter_loads_with_peft_and_gives_the_same_logits(tiny_world
     assert torch.allclose(a.predicted_features, b.predicted_features, atol=1e-5)
 
 
-def test_fit_through_train_py_trains_the_tokenizer_and_exports_what_reloads(tiny_world, tmp_path):
+def test_fit_through_train_py_trains_the_tokenizer_and_exports_what_reloads(tiny_world, tiny_tower, tmp_path):
     """The data side trains the tiny tokenizer on the train split, batches arrive laid out, and the
     export rebuilds a module with the same teacher-forced outputs."""
     cli = cli_main([
-        *config_command("configs/tiny/stage2_mllm.yaml"), "--trainer.fast_dev_run=2",
+        *config_command("configs/tiny/stage2_mllm.yaml"), *tower_args(tiny_tower), "--trainer.fast_dev_run=2",
         f"--trainer.default_root_dir={tmp_path}",
         f"--data.init_args.train_files={tiny_world / 'train.jsonl'}", f"--data.init_args.val_files={tiny_world / 'val.jsonl'}",
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -68,6 +69,9 @@ class VisionEncoderConfig:
     intermediate_size: int | None = None  # the MLP's width
     seed: int = 0  # init seed of a tower built without weights
     drop_cls: bool = True  # keep only patch tokens (N = (S/P)^2)
+    # "tiny_clip" / "hf": pass every token through the tower's final LayerNorm, the space its
+    # pooled output was trained in (a contrastively trained CLIP's raw tokens are ~3x the scale)
+    post_layernorm: bool = False
     num_tokens: int | None = None  # adaptive-avg-pool the tokens to this many (None: keep all)
     output_dim: int | None = None  # "hf": the tower's hidden size, when known without loading; "qwen_vl": the pool's width
     num_queries: int | None = None  # "qwen_vl": the attention pool's queries (a square number)
@@ -97,11 +101,20 @@ def _build_tiny_clip(cfg: VisionEncoderConfig) -> nn.Module:
 def _build_hf(cfg: VisionEncoderConfig) -> nn.Module:
     if not cfg.path:
         raise ValueError("vision encoder backend 'hf' needs `path`: a local Hugging Face model folder")
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+
+    if not Path(cfg.path).is_dir():
+        raise FileNotFoundError(
+            f"vision encoder path {cfg.path} is not a folder; the tiny configs read the visual tokenizer that "
+            "`python train.py fit --config configs/tiny/data.yaml --config configs/tiny/visual_tokenizer.yaml` exports "
+            "(the quickstart's tokenizer stage)"
+        )
+    from transformers import AutoConfig, AutoModel, CLIPModel, CLIPVisionModel, SiglipVisionModel
 
     config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
     model_type = getattr(config, "model_type", "")
-    if model_type in ("clip", "clip_vision_model"):
+    if model_type == "clip":  # a whole CLIP folder (the tiny tokenizer's export): keep its vision tower
+        return CLIPModel.from_pretrained(cfg.path, local_files_only=True).vision_model
+    if model_type == "clip_vision_model":
         return CLIPVisionModel.from_pretrained(cfg.path, local_files_only=True)
     if model_type in ("siglip", "siglip_vision_model"):
         return SiglipVisionModel.from_pretrained(cfg.path, local_files_only=True)
@@ -197,9 +210,19 @@ class FrozenVisionEncoder(nn.Module):
         tokens = out if isinstance(out, torch.Tensor) else out.last_hidden_state  # Qwen-VL's tower returns its tokens
         if self.config.drop_cls and self.config.backend != "qwen_vl":
             tokens = tokens[:, 1:]
+        if self.config.post_layernorm:
+            tokens = self._final_norm(tower)(tokens)
         if self.config.num_tokens is not None and tokens.shape[1] != self.config.num_tokens:
             tokens = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.config.num_tokens).transpose(1, 2)
         return tokens
+
+    def _final_norm(self, tower: nn.Module) -> nn.Module:
+        owner = getattr(tower, "vision_model", tower)  # where the final norm sits depends on the transformers version
+        norm = getattr(owner, "post_layernorm", None)
+        if norm is None:
+            raise ValueError(f"post_layernorm: the {self.config.backend!r} tower has no post_layernorm "
+                             "(CLIP and SigLIP towers do); set post_layernorm: false")
+        return norm
 
     @torch.no_grad()
     def null_features(self, batch: int = 1) -> torch.Tensor:
