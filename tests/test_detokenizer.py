@@ -17,7 +17,7 @@ from lightning_modules.components.sdxl_adapter import SDXLAdapterConfig
 from lightning_modules.components.unet import UNetSpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
 from lightning_modules.detokenizer import DetokenizerModule, load_detokenizer
-from tests.conftest import config_command, tiny_detokenizer_args, tiny_init_args
+from tests.conftest import config_command, tiny_detokenizer_args, tiny_init_args, tower_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny" / "stage1_detokenizer.yaml"
@@ -63,9 +63,10 @@ def fake_batch(n: int = 2, vit: int = 32, size: int = 64) -> dict:
     }
 
 
-def cli_args(world: Path, root: Path, *extra: str) -> list[str]:
+def cli_args(world: Path, root: Path, tower: Path, *extra: str) -> list[str]:
     return [
         *config_command(str(TINY_CONFIG)),
+        *tower_args(tower),
         f"--data.init_args.train_files={world / 'train.jsonl'}",
         f"--data.init_args.val_files={world / 'val.jsonl'}",
         f"--data.init_args.test_files={world / 'test.jsonl'}",
@@ -80,13 +81,14 @@ def cli_args(world: Path, root: Path, *extra: str) -> list[str]:
 # -- the CLI ---------------------------------------------------------------------------------
 
 
-def test_tiny_config_fast_dev_run(tiny_world: Path, tmp_path: Path):
+def test_tiny_config_fast_dev_run(tiny_world: Path, tiny_tower: Path, tmp_path: Path):
     from tools.cli import cli_main
 
     cli = cli_main(
         cli_args(
             tiny_world,
             tmp_path,
+            tiny_tower,
             "--trainer.fast_dev_run=true",
             "--data.init_args.batch_size=4",
             "--model.init_args.val_images=2",
