@@ -56,7 +56,7 @@ BACKGROUNDS: tuple[Background, ...] = (
     Background("cave", "in the cave", (70, 50, 40), (110, 80, 60), "rocks"),
 )
 BACKGROUND_NAMES = tuple(b.name for b in BACKGROUNDS)
-_BACKGROUND_BY_NAME = {b.name: b for b in BACKGROUNDS}
+BACKGROUND_BY_NAME = {b.name: b for b in BACKGROUNDS}
 
 # Characters stand in one of these horizontal slots (fractions of the width).
 SLOTS = (0.18, 0.5, 0.82)

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, CLIPModel
 
 from datamodules.batch import batch_size
 from datamodules.story_format import StoryFormat
-from datamodules.synthetic_world import BACKGROUND_NAMES, BACKGROUNDS, CHARACTER_NAMES
+from datamodules.synthetic_world import BACKGROUND_BY_NAME, BACKGROUND_NAMES, CHARACTER_NAMES
 from evaluation.evaluator import StoryEvaluator, make_evaluator_tokenizer, save_evaluator, tiny_clip_config
 from lightning_modules.components import sharding
 from lightning_modules.components.schedules import optimizer_config
@@ -38,9 +38,6 @@ def contrastive_loss(
     same = torch.tensor([[a == b for b in captions] for a in captions], dtype=logits.dtype, device=logits.device)
     targets = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-
-
-_PLACES = {b.name: b.place for b in BACKGROUNDS}
 
 
 # -- the LightningModule -------------------------------------------------------------------
@@ -164,7 +161,7 @@ class EvaluatorModule(L.LightningModule):
     def _texts(self, batch: dict[str, Any]) -> list[str]:
         if not self.hparams.scene_in_text:
             return list(batch["captions"])
-        return [f"{caption} {_PLACES[background].capitalize()}." for caption, background in zip(batch["captions"], batch["background"])]
+        return [f"{caption} {BACKGROUND_BY_NAME[background].place.capitalize()}." for caption, background in zip(batch["captions"], batch["background"])]
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         n = batch_size(batch)

@@ -101,7 +101,6 @@ def _build_tiny_clip(cfg: VisionEncoderConfig) -> nn.Module:
 def _build_hf(cfg: VisionEncoderConfig) -> nn.Module:
     if not cfg.path:
         raise ValueError("vision encoder backend 'hf' needs `path`: a local Hugging Face model folder")
-
     if not Path(cfg.path).is_dir():
         raise FileNotFoundError(
             f"vision encoder path {cfg.path} is not a folder; the tiny configs read the visual tokenizer that "
