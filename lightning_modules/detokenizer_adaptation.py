@@ -25,6 +25,7 @@ from datamodules.sequence import Supervise
 from lightning_modules.components import sharding
 from lightning_modules.components.noise import noise_keys
 from lightning_modules.components.schedules import optimizer_config
+from lightning_modules.components.self_read import replace_with_regressions
 from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.story_generator import GenerationSettings, Story, StoryGenerator
 from lightning_modules.components.unet import TrainUNet
@@ -136,12 +137,9 @@ class DetokenizerAdaptationModule(L.LightningModule):
         features, feature_index = mllm.story_features(batch)
         seq = batch["sequence"] if "sequence" in batch else mllm.story_format.encode_batch(batch["captions"])
         seq = seq.to(self.device)
-        rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
-        read = features
-        for _ in range(self.read_own + 1):
-            _, predicted, _, _ = mllm(seq, features, feature_index, read)
-            read = features.clone()
-            read[rows] = predicted.to(read.dtype)
+        every = torch.ones(len(seq.target_frames), dtype=torch.bool)
+        read = replace_with_regressions(mllm, seq, features, feature_index, features, every, self.read_own)
+        _, predicted, _, _ = mllm(seq, features, feature_index, read)
         return predicted.detach(), seq.target_frames.to(self.device)
 
     def _frames(self, batch: dict[str, Any], frames: torch.Tensor, key: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Self-read, stage 2's training on its own regressions (see ``StoryMLLMModule.self_read``).
+"""Self-read, stage 2's training on its own regressions (see ``StoryMLLMModule.self_read``), and the
+regressions stage 3's ``read_own`` trains the de-tokenizer on.
 
 A generated story reads back nothing but the model's own regressed features; teacher forcing
 alone never shows the model one (exposure bias), so its errors compound from step to step. Here a
@@ -18,6 +19,23 @@ from lightning_modules.components.noise import keyed_uniform, noise_keys
 
 
 @torch.no_grad()
+def replace_with_regressions(model, seq, features: torch.Tensor, feature_index: torch.Tensor, read: torch.Tensor,
+                             take: torch.Tensor, passes: int) -> torch.Tensor:
+    """``read`` with the target frames marked in ``take`` (one flag per row of ``seq.target_frames``)
+    replaced by ``model``'s regression of them, ``passes`` deep: each pass reads the previous one's.
+
+    Stage 2's self-read takes a keyed share of the frames (``read_own_regressions``); stage 3's
+    ``read_own`` takes them all, so the last pass reads what a story with the true captions reads.
+    """
+    rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]][take.to(feature_index.device)]
+    out = read
+    for _ in range(passes):
+        _, predicted, _, _ = model(seq, features, feature_index, out)
+        out = read.clone()
+        out[rows] = predicted[take.to(predicted.device)].to(out.dtype)
+    return out
+
+
 def read_own_regressions(module, seq, features: torch.Tensor, feature_index: torch.Tensor, read: torch.Tensor | None,
                          batch: dict[str, Any]) -> torch.Tensor:
     """What the trained pass reads: ``read`` (or ``features``) with a share ``module.self_read`` of the
@@ -26,14 +44,8 @@ def read_own_regressions(module, seq, features: torch.Tensor, feature_index: tor
     Which frames are replaced is drawn per (step, story, frame), so it does not depend on how the
     batch was split across processes.
     """
-    read = features if read is None else read
-    rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
     keys = noise_keys(module.global_step, 1, [(batch["story_id"][b], batch["frame_index"][b, f])
                                               for b, f in seq.target_frames.tolist()])
-    take = (keyed_uniform(keys) < module.self_read).to(rows.device)
-    out = read
-    for _ in range(module.self_read_passes):
-        _, predicted, _, _ = module(seq, features, feature_index, out)
-        out = read.clone()
-        out[rows[take]] = predicted[take].to(out.dtype)
-    return out
+    take = keyed_uniform(keys) < module.self_read
+    return replace_with_regressions(module, seq, features, feature_index, features if read is None else read, take,
+                                    module.self_read_passes)
