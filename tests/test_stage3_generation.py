@@ -343,3 +343,23 @@ def test_teacher_forced_features_are_each_frames_regression_from_the_true_frames
     scores = reference_scores(str(evaluator), tiny_world, "test", "regressed", steps=2,
                               detokenizer_dir=str(exports / "stage1"), num_inference_steps=2, mllm_dir=str(exports / "stage2"))
     assert 0.0 <= scores["character_f1"] <= 1.0 and scores["fid_evaluator"] >= 0.0
+
+
+def test_evaluate_stories_sheet_shows_each_storys_true_frames_above_the_frames_scored(tiny_world, tmp_path):  # noqa: F811
+    """``--sheet``: with ``--source real`` the frames scored are the true ones, so each story's two rows match."""
+    import numpy as np
+    from PIL import Image
+
+    from evaluation.evaluator import save_evaluator
+    from tests.test_story_metrics import random_evaluator
+    from tools.evaluate_stories import reference_scores
+
+    evaluator = save_evaluator(random_evaluator(), tmp_path / "evaluator")
+    sheet = tmp_path / "sheet.png"
+    reference_scores(str(evaluator), tiny_world, "test", "real", steps=3, sheet=sheet, sheet_stories=2)
+    grid = np.asarray(Image.open(sheet).convert("RGB"))
+    cell = 64 + 1  # frame and padding
+    assert grid.shape == (4 * cell + 1, 3 * cell + 1, 3)
+    rows = [grid[1 + r * cell: r * cell + cell] for r in range(4)]
+    assert np.array_equal(rows[0], rows[1]) and np.array_equal(rows[2], rows[3])
+    assert not np.array_equal(rows[0], rows[2])  # two different stories

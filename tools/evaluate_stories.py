@@ -32,8 +32,12 @@ from evaluation.story_metrics import StoryMetrics
 @torch.no_grad()
 def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, steps: int = 9,
                      detokenizer_dir: str | None = None, num_inference_steps: int | None = None,
-                     mllm_dir: str | None = None, guidance_scale: float | None = None) -> dict[str, float]:
+                     mllm_dir: str | None = None, guidance_scale: float | None = None, sheet: Path | None = None,
+                     sheet_stories: int = 4) -> dict[str, float]:
+    """Scores of ``source``'s frames; with ``sheet``, also a picture of the first ``sheet_stories``
+    stories: each story's true frames in one row and the frames scored under them."""
     detokenizer = mllm = None
+    rows: list[torch.Tensor] = []
     vit_size = 64
     if source != "real":
         from lightning_modules.detokenizer import load_detokenizer
@@ -63,7 +67,13 @@ def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, st
             drawn = detokenizer.decode(features, generator=generator, num_inference_steps=num_inference_steps,
                                        guidance_scale=guidance_scale)
         n = len(truth)
+        if sheet is not None and index < sheet_stories:
+            rows += [truth, drawn.to(truth.dtype)]
         metrics.update(drawn, truth, frames["captions"], frames["characters"], [frames["background"]] * n, [frames["story_id"]] * n)
+    if sheet is not None:
+        from torchvision.utils import save_image
+
+        save_image((torch.cat(rows).float() + 1) / 2, sheet, nrow=steps, padding=1)
     return metrics.compute()
 
 
@@ -90,13 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-inference-steps", type=int)
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the de-tokenizer's own)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--sheet", type=Path, help="a PNG of the first stories: true frames above the frames scored")
+    parser.add_argument("--sheet-stories", type=int, default=4)
     args = parser.parse_args(argv)
     if args.source != "real" and not args.detokenizer:
         parser.error(f"--source {args.source} needs --detokenizer")
     if args.source == "regressed" and not args.mllm:
         parser.error("--source regressed needs --mllm")
     scores = reference_scores(args.evaluator, args.data, args.split, args.source, args.steps, args.detokenizer,
-                              args.num_inference_steps, args.mllm, args.guidance_scale)
+                              args.num_inference_steps, args.mllm, args.guidance_scale, args.sheet, args.sheet_stories)
     print(metric_table(scores))
     if args.out:
         args.out.write_text(json.dumps({"metrics": scores, "source": args.source}, indent=2))
