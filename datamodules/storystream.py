@@ -12,6 +12,7 @@ disjoint rank slices, and mid-epoch resume from the position this module saves i
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -131,7 +132,9 @@ class StoryStreamDataModule(L.LightningDataModule):
 
     def _prepare_synthetic(self) -> None:
         needed = [f for fs in self.files.values() for f in fs if not shards.is_shard_spec(f)]
-        if not (needed and all(Path(f).exists() for f in needed)):
+        if needed and all(Path(f).exists() for f in needed):
+            _check_world(Path(self.synthetic.out), self.synthetic)
+        else:
             make_synthetic_world(self.synthetic)
 
     def setup(self, stage: str | None = None) -> None:
@@ -278,6 +281,7 @@ def make_synthetic_world(config: SyntheticWorld) -> Path:
 
     out = Path(config.out)
     if (out / "train.jsonl").exists():
+        _check_world(out, config)
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
@@ -290,6 +294,24 @@ def make_synthetic_world(config: SyntheticWorld) -> Path:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_world(out: Path, config: SyntheticWorld) -> None:
+    """A world already on disk must be the one the config asks for: a config that now asks for more
+    stories would otherwise train on the old world without a word."""
+    import json
+
+    from datamodules import synthetic
+
+    made = out / synthetic.WORLD_FILE
+    if not made.exists():  # made before worlds recorded their settings: nothing to compare
+        return
+    found = json.loads(made.read_text())
+    wanted = synthetic.world_settings(config.stories, config.seed, (config.size, config.size))
+    if found != wanted:
+        raise ValueError(f"{out} holds a synthetic world made with {found}, but the config asks for {wanted}: "
+                         f"delete {out} (it is made again on first use) or set data.synthetic.out and the "
+                         f"split files to another folder")
 
 
 def _as_list(files: str | Sequence[str] | None) -> list[str]:

@@ -167,8 +167,16 @@ def split_of(index: int, n_stories: int) -> str:
     return "val" if index < n_train + n_val else "test"
 
 
+WORLD_FILE = "world.json"  # the settings a world was made with, beside its splits
+
+
+def world_settings(stories: int, seed: int, size: tuple[int, int]) -> dict:
+    return {"stories": stories, "seed": seed, "size": list(size)}
+
+
 def generate(out: Path | str, stories: int, seed: int = 0, size: tuple[int, int] = (64, 64)) -> dict[str, Path]:
-    """Write the synthetic world to ``out``; return the paths of the three jsonl splits."""
+    """Write the synthetic world to ``out`` (and its settings to ``WORLD_FILE``); return the paths of
+    the three jsonl splits."""
     out = Path(out)
     image_root = out / "images"
     image_root.mkdir(parents=True, exist_ok=True)
@@ -199,6 +207,7 @@ def generate(out: Path | str, stories: int, seed: int = 0, size: tuple[int, int]
     for split, records in lines.items():
         paths[split] = out / f"{split}.jsonl"
         paths[split].write_text("".join(line + "\n" for line in records))
+    (out / WORLD_FILE).write_text(json.dumps(world_settings(stories, seed, size)))
     return paths
 
 

@@ -128,6 +128,17 @@ def test_prepare_data_makes_the_synthetic_world_once(tmp_path):
     assert len(dm.datasets["train"]) == 8
 
 
+def test_a_world_made_with_other_settings_fails_before_training_naming_the_folder(tmp_path):
+    out = tmp_path / "made"
+    StoryStreamDataModule(**data_args(out, synthetic=SyntheticWorld(out=str(out), stories=10, size=16))).prepare_data()
+    asks_more = StoryStreamDataModule(**data_args(out, synthetic=SyntheticWorld(out=str(out), stories=20, size=16)))
+    with pytest.raises(ValueError, match=rf"{out}.*'stories': 10.*'stories': 20.*delete"):
+        asks_more.prepare_data()
+    (out / "world.json").unlink()  # a world made before worlds recorded their settings is taken as it is
+    asks_more.prepare_data()
+    assert len((out / "train.jsonl").read_text().splitlines()) == 8
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 
