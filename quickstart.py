@@ -21,11 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent
 TRAIN = [sys.executable, "train.py"]
 DATA = ["--config", "configs/tiny/data.yaml"]  # the overlays every tiny command composes (see each config's first line)
 LOGGING = ["--config", "configs/tiny/logging.yaml"]
 MEDIAN_STORYBOARD = "runs/tiny_stories/median_storyboard.png"
+# the world every tiny config reads, as configs/tiny/data.yaml sets it (written once, there)
+WORLD = yaml.safe_load((ROOT / "configs/tiny/data.yaml").read_text())["data"]["init_args"]["synthetic"]
 
 
 @dataclass
@@ -37,8 +41,9 @@ class Stage:
 
 
 STAGES = [
-    Stage("data", [sys.executable, "-m", "datamodules.synthetic", "--out", "data/synthetic", "--stories", "400", "--seed", "0"],
-          "data/synthetic/test.jsonl"),
+    Stage("data", [sys.executable, "-m", "datamodules.synthetic", "--out", WORLD["out"], "--stories", str(WORLD["stories"]),
+                   "--seed", str(WORLD["seed"]), "--size", str(WORLD["size"])],
+          f"{WORLD['out']}/test.jsonl"),
     Stage("evaluator", [*TRAIN, "fit", *DATA, "--config", "configs/tiny/evaluator.yaml"],
           "runs/tiny_evaluator/export/export.json", "runs/tiny_evaluator"),
     # the visual tokenizer stages 1 and 2 read (configs/tiny/vision_encoder.yaml): a separate tiny CLIP
@@ -86,11 +91,11 @@ def summary(stage: Stage, seconds: float, skipped: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fresh", action="store_true", help="delete data/synthetic and runs/tiny_* first")
+    parser.add_argument("--fresh", action="store_true", help=f"delete {WORLD['out']} and runs/tiny_* first")
     parser.add_argument("--until", choices=[s.name for s in STAGES], help="stop after this stage")
     args = parser.parse_args(argv)
     if args.fresh:
-        for path in ["data/synthetic", *glob.glob("runs/tiny_*")]:
+        for path in [WORLD["out"], *glob.glob("runs/tiny_*")]:
             shutil.rmtree(ROOT / path, ignore_errors=True)
     lines, timings = [], {}
     for stage in STAGES:
