@@ -299,8 +299,6 @@ def make_synthetic_world(config: SyntheticWorld) -> Path:
 def _check_world(out: Path, config: SyntheticWorld) -> None:
     """A world already on disk must be the one the config asks for: a config that now asks for more
     stories would otherwise train on the old world without a word."""
-    import json
-
     from datamodules import synthetic
 
     made = out / synthetic.WORLD_FILE

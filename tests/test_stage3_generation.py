@@ -363,3 +363,6 @@ def test_evaluate_stories_sheet_shows_each_storys_true_frames_above_the_frames_s
     rows = [grid[1 + r * cell: r * cell + cell] for r in range(4)]
     assert np.array_equal(rows[0], rows[1]) and np.array_equal(rows[2], rows[3])
     assert not np.array_equal(rows[0], rows[2])  # two different stories
+
+    reference_scores(str(evaluator), tiny_world, "test", "real", steps=3, sheet=sheet, sheet_stories=2, stories=1)
+    assert np.asarray(Image.open(sheet)).shape[0] == 2 * cell + 1  # only the first story was scored

@@ -33,9 +33,11 @@ from evaluation.story_metrics import StoryMetrics
 def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, steps: int = 9,
                      detokenizer_dir: str | None = None, num_inference_steps: int | None = None,
                      mllm_dir: str | None = None, guidance_scale: float | None = None, sheet: Path | None = None,
-                     sheet_stories: int = 4) -> dict[str, float]:
-    """Scores of ``source``'s frames; with ``sheet``, also a picture of the first ``sheet_stories``
-    stories: each story's true frames in one row and the frames scored under them."""
+                     sheet_stories: int = 4, stories: int | None = None) -> dict[str, float]:
+    """Scores of ``source``'s frames over the split's first ``stories`` stories (all by default; the
+    test command with ``limit_test_batches`` x batch size stories scores the same ones). With
+    ``sheet``, also a picture of the first ``sheet_stories`` stories: each story's true frames in one
+    row and the frames scored under them."""
     detokenizer = mllm = None
     rows: list[torch.Tensor] = []
     vit_size = 64
@@ -53,7 +55,7 @@ def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, st
     dm.setup({"test": "test", "val": "validate"}[split])
     dataset = dm.datasets[split]
     metrics = StoryMetrics.from_folder(evaluator_dir)
-    for index in range(len(dataset.stories)):
+    for index in range(min(len(dataset.stories), stories or len(dataset.stories))):
         frames = dataset.load_frames(index, range(1, 1 + steps))
         truth = frames["pixels"]
         generator = torch.Generator().manual_seed(index)
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--detokenizer", help="a de-tokenizer export (stage 1 or 3), for --source reconstruction / regressed")
     parser.add_argument("--mllm", help="a stage-2 export, for --source regressed")
     parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--stories", type=int, help="score the split's first N stories (default: all)")
     parser.add_argument("--num-inference-steps", type=int)
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the de-tokenizer's own)")
     parser.add_argument("--out", type=Path)
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.source == "regressed" and not args.mllm:
         parser.error("--source regressed needs --mllm")
     scores = reference_scores(args.evaluator, args.data, args.split, args.source, args.steps, args.detokenizer,
-                              args.num_inference_steps, args.mllm, args.guidance_scale, args.sheet, args.sheet_stories)
+                              args.num_inference_steps, args.mllm, args.guidance_scale, args.sheet, args.sheet_stories,
+                              args.stories)
     print(metric_table(scores))
     if args.out:
         args.out.write_text(json.dumps({"metrics": scores, "source": args.source}, indent=2))
