@@ -8,10 +8,11 @@ character enters or walks to, and a story's scenery (where its stars or flowers 
 Each record also carries ground truth (``characters`` per frame, ``background``) so that
 character and style consistency of generated stories can be scored.
 
-    python -m datamodules.synthetic --out data/synthetic --stories 400 --seed 0 --size 64
+    python -m datamodules.synthetic --out data/synthetic --stories 2000 --seed 0 --size 64
 
-Writes ``OUT/images/story_XXXXX/frame_YY.png`` and ``OUT/{train,val,test}.jsonl`` whose image
-paths are relative to ``OUT/images``. The same seed gives byte-identical files.
+Writes ``OUT/images/story_XXXXX/frame_YY.png``, ``OUT/{train,val,test}.jsonl`` whose image
+paths are relative to ``OUT/images``, and ``OUT/world.json`` (the settings, which the data module
+checks a config against). The same seed gives byte-identical files.
 """
 
 from __future__ import annotations
