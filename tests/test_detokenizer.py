@@ -71,7 +71,7 @@ def cli_args(world: Path, root: Path, tower: Path, *extra: str) -> list[str]:
         f"--data.init_args.val_files={world / 'val.jsonl'}",
         f"--data.init_args.test_files={world / 'test.jsonl'}",
         f"--data.init_args.image_root={world / 'images'}",
-        f"--data.init_args.synthetic.out={world}",
+        "--data.init_args.synthetic=null",  # the test's world is made by the fixture
         f"--trainer.default_root_dir={root}",
         f"--model.init_args.export_dir={root / 'export'}",  # never the user's runs/ folder
         *extra,
