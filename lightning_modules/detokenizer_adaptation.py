@@ -129,14 +129,10 @@ class DetokenizerAdaptationModule(L.LightningModule):
     def regressed_features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features the frozen MLLM regresses for the chunk's target frames, and their (row, frame)
         (``read_own`` passes deep: see the class docs)."""
-        mllm = self.mllm
-        if self.read_own == 0:
-            out = mllm.forward_story(batch)
-            return out.predicted_features.detach(), out.sequence.target_frames.to(self.device)
+        mllm = self.mllm  # frozen, so in eval mode: no context blur or self-read of its own
         mllm.ensure_built()
         features, feature_index = mllm.story_features(batch)
-        seq = batch["sequence"] if "sequence" in batch else mllm.story_format.encode_batch(batch["captions"])
-        seq = seq.to(self.device)
+        seq = mllm.sequence_of(batch)
         every = torch.ones(len(seq.target_frames), dtype=torch.bool)
         read = replace_with_regressions(mllm, seq, features, feature_index, features, every, self.read_own)
         _, predicted, _, _ = mllm(seq, features, feature_index, read)

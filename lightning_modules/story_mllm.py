@@ -202,14 +202,18 @@ class StoryMLLMModule(L.LightningModule):
         index[mask] = torch.arange(int(mask.sum()), device=mask.device)
         return features, index
 
+    def sequence_of(self, batch: dict[str, Any]) -> StorySequence:
+        """The batch's laid-out sequence, on this module's device."""
+        # batches from the DataLoader arrive laid out; others (tools, tests) are laid out here, the same way
+        seq = batch["sequence"] if "sequence" in batch else self.story_format.encode_batch(batch["captions"])
+        return seq.to(self.device)
+
     def forward_story(self, batch: dict[str, Any], features: torch.Tensor | None = None,
                       feature_index: torch.Tensor | None = None) -> StoryOutputs:
         self.ensure_built()
         if features is None:
             features, feature_index = self.story_features(batch)
-        # batches from the DataLoader arrive laid out; others (tools, tests) are laid out here, the same way
-        seq = batch["sequence"] if "sequence" in batch else self.story_format.encode_batch(batch["captions"])
-        seq = seq.to(self.device)
+        seq = self.sequence_of(batch)
         read = None
         if self.training and self.context_blur > 0 and "story_id" in batch:
             read = blur_toward_story_mean(features, feature_index, batch["story_id"], batch["frame_index"],

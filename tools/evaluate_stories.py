@@ -55,7 +55,8 @@ def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, st
     dm.setup({"test": "test", "val": "validate"}[split])
     dataset = dm.datasets[split]
     metrics = StoryMetrics.from_folder(evaluator_dir)
-    for index in range(min(len(dataset.stories), stories or len(dataset.stories))):
+    count = len(dataset.stories) if stories is None else min(stories, len(dataset.stories))
+    for index in range(count):
         frames = dataset.load_frames(index, range(1, 1 + steps))
         truth = frames["pixels"]
         generator = torch.Generator().manual_seed(index)
