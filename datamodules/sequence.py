@@ -52,6 +52,10 @@ class StorySequence:
     context_frames: torch.Tensor  # (Nc, 2)
     target_slots: torch.Tensor  # (Ng, Q)
     target_frames: torch.Tensor  # (Ng, 2)
+    # each target step's text (opening, caption, <img>): flat indices, padded to the longest, and
+    # False where padded; what ``regress_from: step`` lets the output resampler read
+    target_text: torch.Tensor  # (Ng, L)
+    target_text_mask: torch.Tensor  # (Ng, L) bool
     dropped_steps: int = 0  # leading steps cut to fit max_length
     truncated_captions: int = 0  # captions cut because one step alone exceeded max_length
     lengths: list[int] = field(default_factory=list)
@@ -71,6 +75,7 @@ class StorySample:
     block: list[int] = field(default_factory=list)  # id of the hidden query block, -1 elsewhere
     context: list[tuple[int, int]] = field(default_factory=list)  # (frame, first index)
     targets: list[tuple[int, int]] = field(default_factory=list)
+    target_text: list[int] = field(default_factory=list)  # where each target's step (its opening) starts
     dropped_steps: int = 0
     truncated_captions: int = 0
 
@@ -89,6 +94,7 @@ def _layout(caption_ids: list[list[int]], first_frame: int, tokens: StoryTokens,
     q = len(tokens.slots)
     for j, caption in enumerate(caption_ids):
         labelled = supervise == "all" or j == last
+        step_start = len(sample.ids)
         for token in tokens.step_opening(first=j == 0):
             sample.add(token, label=labelled and j > 0)  # BOS is never a label, [INST] is
         for token in caption:
@@ -99,6 +105,7 @@ def _layout(caption_ids: list[list[int]], first_frame: int, tokens: StoryTokens,
         is_target = j == last or (supervise == "all" and j >= 1)
         if is_target:
             sample.targets.append((frame, len(sample.ids)))
+            sample.target_text.append(step_start)
             hidden = j != last  # a context copy follows: hide these queries from later tokens
             for i, slot in enumerate(tokens.slots):
                 sample.add(slot, label=False, position=start + i, block=frame if hidden else -1)
@@ -141,7 +148,7 @@ def pad_stories(samples: list[StorySample], pad: int, num_slots: int, supervise:
     positions = torch.zeros((batch, width), dtype=torch.long)
     mask2d = torch.zeros((batch, width), dtype=torch.long)
     blocks = torch.full((batch, width), -1, dtype=torch.long)
-    context, context_frames, targets, target_frames = [], [], [], []
+    context, context_frames, targets, target_frames, texts = [], [], [], [], []
     for row, s in enumerate(samples):
         offset = width - len(s.ids) if side == "left" else 0
         cols = slice(offset, offset + len(s.ids))
@@ -153,9 +160,13 @@ def pad_stories(samples: list[StorySample], pad: int, num_slots: int, supervise:
         for frame, start in s.context:
             context.append(row * width + offset + start + torch.arange(num_slots))
             context_frames.append((row, frame))
-        for frame, start in s.targets:
+        for (frame, start), text_start in zip(s.targets, s.target_text, strict=True):
             targets.append(row * width + offset + start + torch.arange(num_slots))
             target_frames.append((row, frame))
+            texts.append(row * width + offset + torch.arange(text_start, start))
+    text_length = max(len(t) for t in texts)
+    target_text = torch.stack([torch.cat([t, t[:1].expand(text_length - len(t))]) for t in texts])
+    target_text_mask = torch.stack([torch.arange(text_length) < len(t) for t in texts])
     attention: torch.Tensor = mask2d
     if supervise == "all":
         attention = _block_causal_mask(mask2d, blocks)
@@ -168,6 +179,8 @@ def pad_stories(samples: list[StorySample], pad: int, num_slots: int, supervise:
         context_frames=torch.tensor(context_frames, dtype=torch.long).view(-1, 2),
         target_slots=torch.stack(targets),
         target_frames=torch.tensor(target_frames, dtype=torch.long).view(-1, 2),
+        target_text=target_text,
+        target_text_mask=target_text_mask,
         dropped_steps=sum(s.dropped_steps for s in samples),
         truncated_captions=sum(s.truncated_captions for s in samples),
         lengths=[len(s.ids) for s in samples],

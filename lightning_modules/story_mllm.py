@@ -32,6 +32,7 @@ from datamodules.story_format import StoryFormat, StoryFormatConfig
 from lightning_modules.components import sharding, story_llm
 from lightning_modules.components.context_blur import blur_toward_story_mean
 from lightning_modules.components.mllm_init import EXPORT_KIND, RESAMPLERS_FILE, start_from_export
+from lightning_modules.components.qwen_resampler import QwenResamplerConfig
 from lightning_modules.components.resamplers import ResamplerConfig, build_resampler, resampler_config_from_dict
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.self_read import read_own_regressions
@@ -40,7 +41,6 @@ from lightning_modules.components.story_llm import LLMSpec, LoRASpec
 from lightning_modules.components.vision_encoder import FrozenVisionEncoder, VisionEncoderConfig
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclasses.dataclass
@@ -74,6 +74,11 @@ class StoryMLLMModule(L.LightningModule):
         queries_from_previous: the output resampler's queries start from the previous frame's
             tokens (each output token knows what was at its place), so the LLM's hidden states only
             have to say what changes. ``rec_loss_copy`` (logged) is the copy baseline to beat.
+        regress_from: what the output resampler reads. ``slots`` (SEED-Story): the hidden states at
+            the Q generation slots. ``step``: the step's text (opening, caption, ``<img>``) before
+            them, so the caption that says what changes reaches the regression directly instead of
+            only through what the LLM's attention carries into the slots, which a long story's
+            context dilutes (perceiver only; measured in the README, "Stage 2 reads the caption").
         context_blur: in training, every frame the model reads (context and residual base) is pulled
             toward its story's mean frame by a random share in ``[0, context_blur]``; targets stay
             sharp. Generation reads back its own regressed features, which regression to the mean
@@ -103,6 +108,7 @@ class StoryMLLMModule(L.LightningModule):
         rec_loss: Literal["cosine", "mse"] = "cosine",
         residual_features: bool = False,
         queries_from_previous: bool = False,
+        regress_from: Literal["slots", "step"] = "slots",
         context_blur: float = 0.0,
         self_read: float = 0.0,
         self_read_passes: int = 1,
@@ -126,6 +132,9 @@ class StoryMLLMModule(L.LightningModule):
         self.rec_loss = rec_loss
         self.residual_features = residual_features
         self.queries_from_previous = queries_from_previous
+        if regress_from not in ("slots", "step") or (regress_from == "step" and isinstance(output_resampler, QwenResamplerConfig)):
+            raise ValueError(f"regress_from is 'slots', or 'step' with the perceiver output resampler; got {regress_from!r}")
+        self.regress_from = regress_from
         self.context_blur = context_blur
         if self_read > 0 and self.story_format.config.supervise != "all":
             raise ValueError("self_read needs story_format.supervise: all (the first pass must regress every frame)")
@@ -248,11 +257,21 @@ class StoryMLLMModule(L.LightningModule):
         target_rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
         prev_rows = feature_index[seq.target_frames[:, 0], (seq.target_frames[:, 1] - 1).clamp(min=0)]
         previous = features[prev_rows].float()
-        return logits, self.regress(queries.float(), previous), previous, targets[target_rows].float()
+        step_text = hidden.reshape(-1, width)[seq.target_text.flatten()].view(*seq.target_text.shape, width).float()
+        regressed = self.regress(queries.float(), previous, step_text, seq.target_text_mask)
+        return logits, regressed, previous, targets[target_rows].float()
 
-    def regress(self, queries: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-        """Features of the next frame from the hidden states at its Q generation slots."""
-        out = self.output_resampler(queries, query_features=previous if self.queries_from_previous else None)
+    def regress(self, queries: torch.Tensor, previous: torch.Tensor, step_text: torch.Tensor | None = None,
+                step_text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of the next frame from the hidden states at its Q generation slots ``(B, Q, H)`` (and,
+        with ``regress_from: step``, at its step's text ``(B, L, H)``, its mask False where padded)."""
+        masked = {}
+        if self.regress_from == "step":  # the output resampler reads the step's text, then the slots
+            if step_text_mask is not None:
+                masked["mask"] = torch.cat([step_text_mask.to(queries.device),
+                                            queries.new_ones(queries.shape[:2], dtype=torch.bool)], dim=1)
+            queries = torch.cat([step_text.to(queries.dtype), queries], dim=1)
+        out = self.output_resampler(queries, query_features=previous if self.queries_from_previous else None, **masked)
         return previous + out if self.residual_features else out
 
     def losses(self, out: StoryOutputs) -> dict[str, torch.Tensor]:
@@ -264,14 +283,8 @@ class StoryMLLMModule(L.LightningModule):
         with torch.no_grad():
             rec_copy = self._regression_loss(out.previous_features, out.target_features)  # "next = previous"
             accuracy = (logits.argmax(-1)[supervised] == labels[supervised]).float().mean()
-        return {
-            "loss": self.lm_weight * ce + self.rec_weight * rec,
-            "lm_loss": ce,
-            "rec_loss": rec,
-            "rec_loss_copy": rec_copy,
-            "token_acc": accuracy,
-            "feature_cos": cos.detach(),
-        }
+        return {"loss": self.lm_weight * ce + self.rec_weight * rec, "lm_loss": ce, "rec_loss": rec,
+                "rec_loss_copy": rec_copy, "token_acc": accuracy, "feature_cos": cos.detach()}
 
     def _regression_loss(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.rec_loss == "cosine":
@@ -369,7 +382,8 @@ def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> Sto
         output_resampler=resampler_config_from_dict(config.pop("output_resampler", None)),
         lora=None,
         **{k: v for k, v in config.items()
-           if k in ("lm_weight", "rec_weight", "rec_loss", "residual_features", "queries_from_previous", "context_blur")},
+           if k in ("lm_weight", "rec_weight", "rec_loss", "residual_features", "queries_from_previous", "regress_from",
+                    "context_blur")},
     )
     module.configure_model()
     if (root / "llm_adapter").is_dir():

@@ -64,6 +64,21 @@ def test_padding_keeps_positions_masks_and_slots_right(tok, side):
     assert seq.input_ids.flatten()[seq.target_slots[row1][0]].tolist() == t.slots
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_each_target_knows_its_step_text_padded_and_masked(tok, side):
+    """target_text: the opening, caption and <img> of each target step, in order; the mask marks the padding."""
+    tokenizer, t = tok
+    seq = build_story_sequences([CAPTIONS, CAPTIONS[:2]], tokenizer, t, supervise="all", padding_side=side)
+    flat = seq.input_ids.flatten()
+    assert seq.target_frames.tolist() == [[0, 1], [0, 2], [1, 1]]
+    longest = max(len(_ids(tokenizer, c)) for c in CAPTIONS[1:])
+    assert seq.target_text.shape == seq.target_text_mask.shape == (3, len(t.separator) + longest + 1)
+    for (row, frame), text, mask in zip(seq.target_frames.tolist(), seq.target_text, seq.target_text_mask):
+        expected = [*t.separator, *_ids(tokenizer, CAPTIONS[frame]), t.img_start]
+        assert flat[text[mask]].tolist() == expected and int(mask.sum()) == len(expected)
+        assert (text // seq.input_ids.shape[1] == row).all()  # padding points inside the row too
+
+
 def test_token_budget_drops_whole_leading_steps(tok):
     tokenizer, t = tok
     full = build_story_sequences([CAPTIONS], tokenizer, t)

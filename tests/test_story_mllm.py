@@ -181,6 +181,28 @@ def test_queries_from_previous_survive_export_and_see_the_previous_frame(tiny_wo
         torch.testing.assert_close(reloaded.regress(hidden, prev), module.regress(hidden, prev))
 
 
+def test_regress_from_step_reads_its_own_caption_survives_export_and_needs_the_perceiver(tiny_world, tokenizer_dir, tmp_path):  # noqa: F811
+    from lightning_modules.components.qwen_resampler import QwenResamplerConfig
+
+    module = _module(tokenizer_dir, supervise="all", residual_features=True, queries_from_previous=True,
+                     regress_from="step").eval()
+    batch = {k: v for k, v in _batch(tiny_world, n=1, max_images=3).items() if k != "sequence"}  # laid out again below
+    captions = batch["captions"][0]
+    other = "Zed and Nox meet and say hello." if captions[-1] != "Zed and Nox meet and say hello." else "Zed waves hello."
+    with torch.no_grad():
+        out = module.forward_story(batch)
+        changed = module.forward_story({**batch, "captions": [[*captions[:-1], other]]})
+    # the last frame's regression reads its new caption; the frame before it cannot see that caption
+    assert not torch.allclose(out.predicted_features[-1], changed.predicted_features[-1])
+    torch.testing.assert_close(out.predicted_features[:-1], changed.predicted_features[:-1])
+    reloaded = load_mllm(save_mllm(module, tmp_path / "export"))
+    assert reloaded.regress_from == "step"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.forward_story(batch).predicted_features, out.predicted_features)
+    with pytest.raises(ValueError, match="perceiver"):
+        _module(tokenizer_dir, output_resampler=QwenResamplerConfig(heads=2), regress_from="step")
+
+
 def test_context_blur_pulls_read_frames_toward_their_story_mean_and_keeps_targets(tiny_world, tokenizer_dir):  # noqa: F811
     from lightning_modules.components.context_blur import blur_toward_story_mean
 

@@ -51,13 +51,18 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``context_mask`` (B, M) bool: False hides that context token (padding)."""
         q = self.to_q(self.norm_q(queries))
         # queries also see themselves, so a query can keep information it already gathered
         kv_in = torch.cat([self.norm_kv(context), self.norm_q(queries)], dim=1)
         k, v = self.to_kv(kv_in).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        mask = None
+        if context_mask is not None:
+            visible = torch.cat([context_mask, context_mask.new_ones(queries.shape[:2])], dim=1)
+            mask = visible[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -95,9 +100,10 @@ class PerceiverResampler(nn.Module):
         return self.config.output_dim
 
     def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None,
-                query_features: torch.Tensor | None = None) -> torch.Tensor:
+                query_features: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``queries`` (B, Q, dim) replaces the learned ones; ``query_features`` (see
-        ``query_input_dim``) are projected and added to them."""
+        ``query_input_dim``) are projected and added to them; ``mask`` (B, M) bool hides the
+        inputs where it is False (padding)."""
         context = self.proj_in(x)
         latents = self.queries.expand(x.shape[0], -1, -1) if queries is None else queries
         if (self.proj_query is None) != (query_features is None):
@@ -109,6 +115,6 @@ class PerceiverResampler(nn.Module):
                 raise ValueError(f"queries_from_input needs num_queries == input tokens, got {latents.shape[1]} and {context.shape[1]}")
             latents = latents + context
         for attn, ff in self.blocks:
-            latents = latents + attn(latents, context)
+            latents = latents + attn(latents, context, mask)
             latents = latents + ff(latents)
         return self.proj_out(self.norm_out(latents))

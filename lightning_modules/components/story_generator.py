@@ -292,10 +292,12 @@ class StoryGenerator:
         length = len(context)
         queries = context.feed_ids(list(tokens.slots), sink.SLOT, frame)
         dtype = self.mllm.dtype  # the weights' (fp32 under autocast, bf16 when the model is bf16); features kept in fp32
-        features = self.mllm.regress(queries[None].to(dtype), previous[None].to(queries.device, dtype))[0].float()
+        step_text = torch.cat(hidden)  # what regress_from: step reads besides the slots
+        features = self.mllm.regress(queries[None].to(dtype), previous[None].to(queries.device, dtype),
+                                     step_text[None].to(dtype))[0].float()
         context.crop(length)  # the generation queries give way to the frame's context slots
         caption = given if given is not None else self.format.decode_text(ids)
-        return caption, features, torch.cat(hidden)
+        return caption, features, step_text
 
     def decode_caption(self, context: _LLMContext, hidden: torch.Tensor, generator: torch.Generator | None,
                        hidden_log: list[torch.Tensor] | None = None) -> list[int]:
