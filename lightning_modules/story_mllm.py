@@ -78,7 +78,7 @@ class StoryMLLMModule(L.LightningModule):
             the Q generation slots. ``step``: the step's text (opening, caption, ``<img>``) before
             them, so the caption that says what changes reaches the regression directly instead of
             only through what the LLM's attention carries into the slots, which a long story's
-            context dilutes (perceiver only; measured in the README, "Stage 2 reads the caption").
+            context dilutes (perceiver only; measured in the README, "Not there yet").
         context_blur: in training, every frame the model reads (context and residual base) is pulled
             toward its story's mean frame by a random share in ``[0, context_blur]``; targets stay
             sharp. Generation reads back its own regressed features, which regression to the mean
