@@ -257,7 +257,9 @@ class StoryMLLMModule(L.LightningModule):
         target_rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
         prev_rows = feature_index[seq.target_frames[:, 0], (seq.target_frames[:, 1] - 1).clamp(min=0)]
         previous = features[prev_rows].float()
-        step_text = hidden.reshape(-1, width)[seq.target_text.flatten()].view(*seq.target_text.shape, width).float()
+        step_text = None  # gathered only where the output resampler reads it
+        if self.regress_from == "step":
+            step_text = hidden.reshape(-1, width)[seq.target_text.flatten()].view(*seq.target_text.shape, width).float()
         regressed = self.regress(queries.float(), previous, step_text, seq.target_text_mask)
         return logits, regressed, previous, targets[target_rows].float()
 
