@@ -215,3 +215,20 @@ def test_perceiver_queries_from_input_keep_the_token_order():
     assert changed[4] > 0 and torch.all(changed[[0, 1, 2, 3, 5]] == 0)
     with pytest.raises(ValueError, match="num_queries == input tokens"):
         resampler(torch.randn(1, 5, 8))
+
+
+def test_project_keeps_real_features_and_gives_a_shrunken_regression_its_spread_back():
+    enc = FrozenVisionEncoder(VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                                                  intermediate_size=64, post_layernorm=True))
+    norm = enc._final_norm(enc.tower)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained tower's affine, not the identity
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.3)
+    real = enc(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(enc.project(real), real, atol=1e-4, rtol=1e-4)
+    shrunk = norm.bias + 0.7 * (real - norm.bias)  # what MSE regression does to a token it is unsure of
+    torch.testing.assert_close(enc.project(shrunk), real, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="post_layernorm"):
+        FrozenVisionEncoder(VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                                                intermediate_size=64)).project(real)

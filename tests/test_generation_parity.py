@@ -75,3 +75,38 @@ def test_caption_decoding_is_greedy_on_a_full_recomputation(tiny_world, tokenize
         logits = base.lm_head(base.model(inputs_embeds=embeds[None], position_ids=whole.position_ids).last_hidden_state[0])
     last_separator = int(whole.context_slots[-1, -1]) + 1 + len(fmt.tokens.separator)  # after the slots: </img> [INST]
     assert logits[last_separator : last_separator + len(ids)].argmax(-1).tolist() == ids
+
+
+def test_projected_generation_draws_and_reads_the_regression_re_standardised_by_the_towers_final_norm(tiny_world, tokenizer_dir):  # noqa: F811
+    """``project_features``: each step's features are the teacher-forced regression put through
+    ``FrozenVisionEncoder.project``; an encoder read without its final LayerNorm is refused up front."""
+    import dataclasses
+
+    from tests.test_story_mllm import TINY_ENCODER
+
+    settings = GenerationSettings(draw_images=False, context=ContextPolicy(mode="dense"), project_features=True)
+    with pytest.raises(ValueError, match="post_layernorm"):
+        StoryGenerator(_module(tokenizer_dir, supervise="all", **RESIDUAL), None, settings)
+    torch.manual_seed(0)
+    encoder = dataclasses.replace(TINY_ENCODER, post_layernorm=True)
+    module = _module(tokenizer_dir, supervise="all", vision_encoder=encoder, **RESIDUAL).eval()
+    norm = module.vision_encoder._final_norm(module.vision_encoder.tower)
+    with torch.no_grad():  # an affine that is not the identity, as a trained tower's
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(0, 0.3)
+    batch = _batch(tiny_world, n=1, max_images=4)
+    captions = batch["captions"][0]
+    with torch.no_grad():
+        whole = module.forward_story(batch)
+        features, _ = module.story_features(batch)
+        generator = StoryGenerator(module, None, settings)
+        context = generator.new_context()
+        generator._feed_frame(context, captions[0], features[0], 0)
+        projected = []
+        for k in range(1, len(captions)):
+            projected.append(generator.write_step(context, k, captions[k], None, previous=features[k - 1])[1])
+            generator.close_image(context, features[k], k)
+    z = (whole.predicted_features - norm.bias) / norm.weight
+    expected = torch.nn.functional.layer_norm(z, z.shape[-1:], eps=norm.eps) * norm.weight + norm.bias
+    torch.testing.assert_close(torch.stack(projected), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, whole.predicted_features, atol=1e-3)

@@ -53,6 +53,11 @@ class GenerationSettings:
     # the regressed ones (the idea: drawing snaps a blurred regression back onto an image; on the tiny
     # pipeline it kept characters worse, see the README)
     reencode_images: bool = False
+    # each regressed frame is put back where the visual tokenizer's outputs lie (every token
+    # re-standardised through the tower's final LayerNorm, FrozenVisionEncoder.project) before it is
+    # drawn and read back: MSE shrinks what it is unsure of, and a story that reads its shrunken
+    # regressions back fades a little at every step (needs post_layernorm; see the README)
+    project_features: bool = False
     draw_images: bool = True  # False: text and features only (benchmarks of the LLM part)
     # one GPU: only the working network (MLLM or de-tokenizer) is on the device, the other in CPU
     # memory; the story is written first, then drawn (the same story, see components/placement.py)
@@ -150,6 +155,9 @@ class StoryGenerator:
         self.settings = settings or GenerationSettings()
         # the execution device (default: where the MLLM is); with offload, each part goes there to work
         self.placement = Placement({"mllm": mllm, "detokenizer": detokenizer}, device or mllm.device, self.settings.offload)
+        if self.settings.project_features and not mllm.vision_encoder.config.post_layernorm:
+            raise ValueError("generation.project_features needs the MLLM's vision encoder read through its final "
+                             "LayerNorm (post_layernorm: true); set project_features: false")
         scaling = getattr(mllm.base_llm.model.rotary_emb, "attention_scaling", 1.0)
         if self.settings.context.mode == "sink" and scaling != 1.0:
             raise ValueError("the attention sink re-rotates keys and supports only plain RoPE (attention_scaling 1)")
@@ -295,6 +303,8 @@ class StoryGenerator:
         step_text = torch.cat(hidden)  # what regress_from: step reads besides the slots
         features = self.mllm.regress(queries[None].to(dtype), previous[None].to(queries.device, dtype),
                                      step_text[None].to(dtype))[0].float()
+        if self.settings.project_features:
+            features = self.mllm.vision_encoder.project(features)
         context.crop(length)  # the generation queries give way to the frame's context slots
         caption = given if given is not None else self.format.decode_text(ids)
         return caption, features, step_text

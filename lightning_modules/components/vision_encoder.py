@@ -215,6 +215,22 @@ class FrozenVisionEncoder(nn.Module):
             tokens = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.config.num_tokens).transpose(1, 2)
         return tokens
 
+    @torch.no_grad()
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The nearest features this encoder can output: each token re-standardised through the final
+        LayerNorm's affine (``(x - bias) / weight`` has zero mean and unit variance over channels for
+        every real token). Real features come back unchanged; a regression that shrank a token toward
+        the mean (what MSE does where it is unsure) gets its spread back. Needs ``post_layernorm``.
+        """
+        if not self.config.post_layernorm:
+            raise ValueError("projecting features needs a tower read through its final LayerNorm "
+                             "(vision encoder post_layernorm: true); turn the projection off for this encoder")
+        norm = self._final_norm(self.tower)
+        weight, bias = norm.weight.to(features), norm.bias.to(features)
+        z = (features - bias) / weight
+        z = (z - z.mean(-1, keepdim=True)) * torch.rsqrt(z.var(-1, keepdim=True, unbiased=False) + norm.eps)
+        return z * weight + bias
+
     def _final_norm(self, tower: nn.Module) -> nn.Module:
         owner = getattr(tower, "vision_model", tower)  # where the final norm sits depends on the transformers version
         norm = getattr(owner, "post_layernorm", None)
