@@ -53,8 +53,8 @@ class GenerationSettings:
     # the regressed ones (the idea: drawing snaps a blurred regression back onto an image; on the tiny
     # pipeline it kept characters worse, see the README)
     reencode_images: bool = False
-    # each regressed frame is put back where the visual tokenizer's outputs lie (every token
-    # re-standardised through the tower's final LayerNorm, FrozenVisionEncoder.project) before it is
+    # each regressed frame is put back among the features the tokenizer's final LayerNorm can output
+    # (every token re-standardised through its affine, FrozenVisionEncoder.project) before it is
     # drawn and read back: MSE shrinks what it is unsure of, and a story that reads its shrunken
     # regressions back fades a little at every step (needs post_layernorm; see the README)
     project_features: bool = False
@@ -155,9 +155,10 @@ class StoryGenerator:
         self.settings = settings or GenerationSettings()
         # the execution device (default: where the MLLM is); with offload, each part goes there to work
         self.placement = Placement({"mllm": mllm, "detokenizer": detokenizer}, device or mllm.device, self.settings.offload)
-        if self.settings.project_features and not mllm.vision_encoder.config.post_layernorm:
+        encoder = mllm.vision_encoder.config
+        if self.settings.project_features and (not encoder.post_layernorm or encoder.num_tokens is not None):
             raise ValueError("generation.project_features needs the MLLM's vision encoder read through its final "
-                             "LayerNorm (post_layernorm: true); set project_features: false")
+                             "LayerNorm, tokens unpooled (post_layernorm: true, num_tokens: null); set project_features: false")
         scaling = getattr(mllm.base_llm.model.rotary_emb, "attention_scaling", 1.0)
         if self.settings.context.mode == "sink" and scaling != 1.0:
             raise ValueError("the attention sink re-rotates keys and supports only plain RoPE (attention_scaling 1)")

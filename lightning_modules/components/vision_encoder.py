@@ -217,14 +217,15 @@ class FrozenVisionEncoder(nn.Module):
 
     @torch.no_grad()
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """The nearest features this encoder can output: each token re-standardised through the final
-        LayerNorm's affine (``(x - bias) / weight`` has zero mean and unit variance over channels for
+        """Features put back among those the final LayerNorm can output: each token re-standardised
+        through its affine (``(x - bias) / weight`` has zero mean and unit variance over channels for
         every real token). Real features come back unchanged; a regression that shrank a token toward
-        the mean (what MSE does where it is unsure) gets its spread back. Needs ``post_layernorm``.
+        the mean (what MSE does where it is unsure) gets its spread back. Needs ``post_layernorm`` and
+        the tokens unpooled (an average of normalised tokens is not one).
         """
-        if not self.config.post_layernorm:
-            raise ValueError("projecting features needs a tower read through its final LayerNorm "
-                             "(vision encoder post_layernorm: true); turn the projection off for this encoder")
+        if not self.config.post_layernorm or self.config.num_tokens is not None:
+            raise ValueError("projecting features needs a tower read through its final LayerNorm, tokens unpooled "
+                             "(vision encoder post_layernorm: true, num_tokens: null); turn the projection off for this encoder")
         norm = self._final_norm(self.tower)
         weight, bias = norm.weight.to(features), norm.bias.to(features)
         z = (features - bias) / weight
