@@ -70,6 +70,7 @@ def test_stage3_run_logs_stories_and_metrics_to_offline_wandb(tiny_world, export
         *config_command("configs/tiny/stage3_adaptation.yaml")[1:],
         f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
         "--model.init_args.generation.num_inference_steps=2", "--model.init_args.val_images=2",
+        "--model.init_args.generation.project_features=false",  # the test exports' tower is read without its final norm
         f"--model.init_args.export_dir={tmp_path / 'export'}",
         f"--data.init_args.train_files={tiny_world / 'train.jsonl'}", f"--data.init_args.val_files={tiny_world / 'val.jsonl'}",
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
@@ -112,6 +113,7 @@ def _validate_with_callbacks(world, exports, evaluator_dir, out, extra):  # noqa
     cmd = [sys.executable, "train.py", "validate", *config_command("configs/tiny/stage3_adaptation.yaml")[1:], *extra,
            f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
            "--model.init_args.generation.num_inference_steps=2", "--model.init_args.val_images=0",
+           "--model.init_args.generation.project_features=false",  # the test exports' tower is read without its final norm
            # 16 train stories as the val split: 3 stories over 2 ranks is an uneven share
            f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'train.jsonl'}",
            f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
