@@ -155,10 +155,8 @@ class StoryGenerator:
         self.settings = settings or GenerationSettings()
         # the execution device (default: where the MLLM is); with offload, each part goes there to work
         self.placement = Placement({"mllm": mllm, "detokenizer": detokenizer}, device or mllm.device, self.settings.offload)
-        encoder = mllm.vision_encoder.config
-        if self.settings.project_features and (not encoder.post_layernorm or encoder.num_tokens is not None):
-            raise ValueError("generation.project_features needs the MLLM's vision encoder read through its final "
-                             "LayerNorm, tokens unpooled (post_layernorm: true, num_tokens: null); set project_features: false")
+        if self.settings.project_features:
+            mllm.vision_encoder.check_projectable()
         scaling = getattr(mllm.base_llm.model.rotary_emb, "attention_scaling", 1.0)
         if self.settings.context.mode == "sink" and scaling != 1.0:
             raise ValueError("the attention sink re-rotates keys and supports only plain RoPE (attention_scaling 1)")

@@ -223,14 +223,19 @@ class FrozenVisionEncoder(nn.Module):
         the mean (what MSE does where it is unsure) gets its spread back. Needs ``post_layernorm`` and
         the tokens unpooled (an average of normalised tokens is not one).
         """
-        if not self.config.post_layernorm or self.config.num_tokens is not None:
-            raise ValueError("projecting features needs a tower read through its final LayerNorm, tokens unpooled "
-                             "(vision encoder post_layernorm: true, num_tokens: null); turn the projection off for this encoder")
+        self.check_projectable()
         norm = self._final_norm(self.tower)
         weight, bias = norm.weight.to(features), norm.bias.to(features)
         z = (features - bias) / weight
         z = (z - z.mean(-1, keepdim=True)) * torch.rsqrt(z.var(-1, keepdim=True, unbiased=False) + norm.eps)
         return z * weight + bias
+
+    def check_projectable(self) -> None:
+        """Fail, naming the settings, where :meth:`project` cannot apply (checked before a story starts)."""
+        if not self.config.post_layernorm or self.config.num_tokens is not None:
+            raise ValueError("projecting features (generation.project_features) needs a tower read through its final "
+                             "LayerNorm, tokens unpooled (vision encoder post_layernorm: true, num_tokens: null); "
+                             "set project_features: false for this encoder")
 
     def _final_norm(self, tower: nn.Module) -> nn.Module:
         owner = getattr(tower, "vision_model", tower)  # where the final norm sits depends on the transformers version
