@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -111,6 +113,27 @@ def test_hf_backend_reads_the_vision_tower_of_a_whole_clip_folder_through_its_fi
     torch.testing.assert_close(FrozenVisionEncoder(VisionEncoderConfig(**config))(x), tokens)
     torch.testing.assert_close(FrozenVisionEncoder(VisionEncoderConfig(**config, post_layernorm=True))(x), normed)
     assert not torch.allclose(tokens, normed)
+
+
+def test_select_layer_reads_an_earlier_hidden_state_and_layer_zero_keeps_tokens_local():
+    config = replace(SMALL_VIT, num_layers=2)
+    last = FrozenVisionEncoder(config)
+    first = FrozenVisionEncoder(replace(config, select_layer=0))
+    x = torch.randn(2, 3, 32, 32)
+    vision = getattr(last.tower, "vision_model", last.tower)  # where it sits depends on the transformers version
+    with torch.no_grad():  # the patch embeddings through the tower's first norm, as CLIP feeds its encoder
+        expected = vision.pre_layrnorm(vision.embeddings(x))[:, 1:]
+    torch.testing.assert_close(first(x), expected)
+    torch.testing.assert_close(FrozenVisionEncoder(replace(config, select_layer=-1))(x), last(x))
+    # one patch edited: every token of the last layer moves, only that patch's token of layer 0
+    edited = x.clone()
+    edited[:, :, :8, :8] += 1.0
+    moved = lambda enc: ((enc(edited) - enc(x)).abs().amax(-1) > 1e-5).sum(-1).tolist()
+    assert moved(first) == [1, 1] and moved(last) == [16, 16]
+    with pytest.raises(ValueError, match="select_layer 3: the tower has 2 layers"):
+        FrozenVisionEncoder(replace(config, select_layer=3))(x)
+    with pytest.raises(ValueError, match="select_layer"):
+        VisionEncoderConfig(backend="qwen_vl", select_layer=0)
 
 
 def test_hf_backend_names_a_missing_folder_and_the_command_that_makes_it(tmp_path):

@@ -72,11 +72,19 @@ class VisionEncoderConfig:
     # "tiny_clip" / "hf": pass every token through the tower's final LayerNorm, the space its
     # pooled output was trained in (a contrastively trained CLIP's raw tokens are ~3x the scale)
     post_layernorm: bool = False
+    # "tiny_clip" / "hf": read this entry of the tower's hidden states instead of its last layer
+    # (LLaVA's vision_select_layer; 0 is the patch embeddings, -2 the layer before the last).
+    # Early layers keep each token local to its patch, so a frame edited in one place changes
+    # only the tokens there (README, "Not there yet": rows I measure the tiny pipeline on them)
+    select_layer: int | None = None
     num_tokens: int | None = None  # adaptive-avg-pool the tokens to this many (None: keep all)
     output_dim: int | None = None  # "hf": the tower's hidden size, when known without loading; "qwen_vl": the pool's width
     num_queries: int | None = None  # "qwen_vl": the attention pool's queries (a square number)
 
     def __post_init__(self) -> None:
+        if self.select_layer is not None and self.backend == "qwen_vl":
+            raise ValueError("select_layer applies to the 'tiny_clip' and 'hf' towers; Qwen-VL's is read after its "
+                             "attention pool (set select_layer: null)")
         for name, value in BACKEND_SIZES.get(self.backend, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -205,8 +213,15 @@ class FrozenVisionEncoder(nn.Module):
             )
         tower = self.tower
         pixels = vit_pixels.to(self._anchor.dtype)
-        out = tower(pixel_values=pixels)
-        tokens = out if isinstance(out, torch.Tensor) else out.last_hidden_state  # Qwen-VL's tower returns its tokens
+        if self.config.select_layer is None:
+            out = tower(pixel_values=pixels)
+            tokens = out if isinstance(out, torch.Tensor) else out.last_hidden_state  # Qwen-VL's tower returns its tokens
+        else:
+            hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+            if not -len(hidden) <= self.config.select_layer < len(hidden):
+                raise ValueError(f"vision encoder select_layer {self.config.select_layer}: the tower has {len(hidden) - 1} "
+                                 f"layers, so its hidden states are 0..{len(hidden) - 1} (or -1..-{len(hidden)})")
+            tokens = hidden[self.config.select_layer]
         if self.config.drop_cls and self.config.backend != "qwen_vl":
             tokens = tokens[:, 1:]
         if self.config.post_layernorm:
