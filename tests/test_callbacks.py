@@ -11,7 +11,7 @@ from callbacks.loggers import StoryWandbLogger
 from callbacks.sample_stories import SampleStoryCallback
 from callbacks.story_evaluation import StoryMetricsCallback
 from evaluation.evaluator import StoryEvaluator, save_evaluator, tiny_clip_config, train_caption_word_tokenizer
-from tests.conftest import config_command
+from tests.conftest import NO_PROJECTION, config_command
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
 from tools.cli import cli_main
@@ -70,7 +70,7 @@ def test_stage3_run_logs_stories_and_metrics_to_offline_wandb(tiny_world, export
         *config_command("configs/tiny/stage3_adaptation.yaml")[1:],
         f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
         "--model.init_args.generation.num_inference_steps=2", "--model.init_args.val_images=2",
-        "--model.init_args.generation.project_features=false",  # the test exports' tower is read without its final norm
+        NO_PROJECTION,
         f"--model.init_args.export_dir={tmp_path / 'export'}",
         f"--data.init_args.train_files={tiny_world / 'train.jsonl'}", f"--data.init_args.val_files={tiny_world / 'val.jsonl'}",
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
@@ -113,7 +113,7 @@ def _validate_with_callbacks(world, exports, evaluator_dir, out, extra):  # noqa
     cmd = [sys.executable, "train.py", "validate", *config_command("configs/tiny/stage3_adaptation.yaml")[1:], *extra,
            f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
            "--model.init_args.generation.num_inference_steps=2", "--model.init_args.val_images=0",
-           "--model.init_args.generation.project_features=false",  # the test exports' tower is read without its final norm
+           NO_PROJECTION,
            # 16 train stories as the val split: 3 stories over 2 ranks is an uneven share
            f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'train.jsonl'}",
            f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",

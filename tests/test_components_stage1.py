@@ -128,7 +128,10 @@ def test_select_layer_reads_an_earlier_hidden_state_and_layer_zero_keeps_tokens_
     # one patch edited: every token of the last layer moves, only that patch's token of layer 0
     edited = x.clone()
     edited[:, :, :8, :8] += 1.0
-    moved = lambda enc: ((enc(edited) - enc(x)).abs().amax(-1) > 1e-5).sum(-1).tolist()
+
+    def moved(enc):  # per image, how many tokens the edit changed
+        return ((enc(edited) - enc(x)).abs().amax(-1) > 1e-5).sum(-1).tolist()
+
     assert moved(first) == [1, 1] and moved(last) == [16, 16]
     with pytest.raises(ValueError, match="select_layer 3: the tower has 2 layers"):
         FrozenVisionEncoder(replace(config, select_layer=3))(x)

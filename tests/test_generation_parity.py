@@ -13,7 +13,6 @@ from lightning_modules.components.caption_decoding import DecodeSettings
 from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
 from tests.test_story_mllm import _batch, _module, tokenizer_dir  # noqa: F401  (fixture)
 
-
 RESIDUAL = dict(residual_features=True, queries_from_previous=True)
 
 

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import config_command
+from tests.conftest import NO_PROJECTION, config_command
 from tests.test_callbacks import evaluator_dir  # noqa: F401  (fixture)
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
@@ -25,7 +25,7 @@ def test_inspect_story_notebook_executes_and_shows_images(tiny_world, exports, e
         f"--model.init_args.detokenizer_dir={root / 'tiny_stage1' / 'export'}", f"--model.init_args.mllm_dir={root / 'tiny_stage2' / 'export'}",
         f"--model.init_args.output_dir={root / 'tiny_stories'}", f"--model.init_args.evaluator_dir={evaluator_dir}",
         "--model.init_args.generation.steps=3", "--model.init_args.generation.num_inference_steps=2", "--model.init_args.test_steps=2",
-        "--model.init_args.generation.project_features=false",  # the test exports' tower is read without its final norm
+        NO_PROJECTION,
         f"--data.init_args.predict_files={tiny_world / 'val.jsonl'}", f"--data.init_args.test_files={tiny_world / 'test.jsonl'}",
         f"--data.init_args.image_root={tiny_world / 'images'}", "--data.init_args.synthetic=null",
         f"--trainer.default_root_dir={tmp_path}",

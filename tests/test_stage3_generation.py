@@ -14,7 +14,7 @@ from lightning_modules.components.unet import UNetSpec
 from lightning_modules.detokenizer import DetokenizerModule
 from lightning_modules.detokenizer_adaptation import DetokenizerAdaptationModule
 from lightning_modules.story_mllm import save_mllm
-from tests.conftest import config_command, data_args
+from tests.conftest import NO_PROJECTION, config_command, data_args
 from tests.test_detokenizer import SMALL_UNET
 from tests.test_story_mllm import TINY_ENCODER, _module, tokenizer_dir  # noqa: F401  (fixture)
 from tools.cli import cli_main
@@ -140,7 +140,7 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
         f"--model.init_args.detokenizer_dir={exports / 'stage1'}", f"--model.init_args.mllm_dir={exports / 'stage2'}",
         f"--model.init_args.output_dir={tmp_path / 'stories'}", "--model.init_args.generation.steps=2",
         "--model.init_args.generation.num_inference_steps=2",
-        "--model.init_args.generation.project_features=false",  # the test exports' tower is read without its final norm
+        NO_PROJECTION,
         f"--data.init_args.predict_files={tiny_world / 'val.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}",
         "--data.init_args.synthetic=null", f"--trainer.default_root_dir={tmp_path}",
