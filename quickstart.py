@@ -1,6 +1,6 @@
 """The whole embedded pipeline on a CPU, one command: ``python quickstart.py``.
 
-Makes the synthetic world, trains the evaluator, the visual tokenizer and the three stages with the tiny configs (each
+Makes the synthetic world, trains the evaluator, the visual tokenizer, the tiny LLM and the three stages with the tiny configs (each
 through ``train.py fit``), generates 25-step stories (``train.py predict``) and scores the test
 split (``train.py test``), then draws the median story by the judge's coherence. A stage whose output already exists is skipped, so a re-run resumes
 where the last one stopped; ``--fresh`` starts over. Prints one summary line per stage and,
@@ -49,6 +49,9 @@ STAGES = [
     # the visual tokenizer stages 1 and 2 read (configs/tiny/vision_encoder.yaml): a separate tiny CLIP
     Stage("tokenizer", [*TRAIN, "fit", *DATA, "--config", "configs/tiny/visual_tokenizer.yaml"],
           "runs/tiny_tokenizer/export/export.json", "runs/tiny_tokenizer"),
+    # the LLM stage 2 starts from (configs/tiny/stage2_mllm.yaml): pretrained on the stories' text alone
+    Stage("llm", [*TRAIN, "fit", *DATA, *LOGGING, "--config", "configs/tiny/language_model.yaml"],
+          "runs/tiny_llm/export/export.json", "runs/tiny_llm"),
     Stage("stage1", [*TRAIN, "fit", *DATA, *LOGGING, "--config", "configs/tiny/stage1_detokenizer.yaml"],
           "runs/tiny_stage1/export/export.json", "runs/tiny_stage1"),
     Stage("stage2", [*TRAIN, "fit", *DATA, *LOGGING, "--config", "configs/tiny/stage2_mllm.yaml"],

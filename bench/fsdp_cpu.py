@@ -16,14 +16,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from datamodules import synthetic
-from datamodules.tokenizer import make_tiny_tokenizer
+from lightning_modules.components.story_llm import LLMSpec
+from lightning_modules.language_model import export_untrained
 from tools.cli import config_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(world: Path, tokenizer: Path, out: Path, processes: int, steps: int, batch: int) -> list[dict]:
+def run(world: Path, llm: Path, out: Path, processes: int, steps: int, batch: int) -> list[dict]:
     out.mkdir(parents=True)
     command = config_command(ROOT / "configs/tiny/stage2_mllm.yaml")  # fit, its overlays, the config
     if processes == 2:
@@ -32,7 +35,7 @@ def run(world: Path, tokenizer: Path, out: Path, processes: int, steps: int, bat
            f"--data.init_args.train_files={world / 'train.jsonl'}", f"--data.init_args.val_files={world / 'val.jsonl'}",
            f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
            "--data.init_args.synthetic=null", f"--data.init_args.batch_size={batch // processes}",
-           f"--model.init_args.story_format.tokenizer={tokenizer}", "--model.init_args.export_dir=null", "--model.init_args.scheduler=null",
+           f"--model.init_args.llm.path={llm}", f"--model.init_args.story_format.tokenizer={llm}", "--model.init_args.export_dir=null", "--model.init_args.scheduler=null",
            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
            "--trainer.enable_progress_bar=false", "--trainer.logger=false", f"--trainer.default_root_dir={out}",
            f"--trainer.callbacks+={{'class_path': 'callbacks.memory.MemoryReportCallback', 'init_args': {{'out_dir': '{out}'}}}}"]
@@ -48,9 +51,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(tmp) / "world"
         synthetic.generate(world, 40, seed=0, size=(64, 64))
-        tokenizer = make_tiny_tokenizer(world / "train.jsonl", world / "tokenizer")
-        rows = [(1, r) for r in run(world, tokenizer, Path(tmp) / "one", 1, args.steps, args.batch)]
-        rows += [(2, r) for r in run(world, tokenizer, Path(tmp) / "two", 2, args.steps, args.batch)]
+        # the tiny LLM's architecture, untrained: what is measured here is memory and time
+        spec = LLMSpec(**yaml.safe_load((ROOT / "configs/tiny/language_model.yaml").read_text())["model"]["init_args"]["llm"])
+        llm = export_untrained(spec, [str(world / "train.jsonl")], Path(tmp) / "llm")
+        rows = [(1, r) for r in run(world, llm, Path(tmp) / "one", 1, args.steps, args.batch)]
+        rows += [(2, r) for r in run(world, llm, Path(tmp) / "two", 2, args.steps, args.batch)]
     print(f"\ntiny stage 2, global batch {args.batch}, {args.steps} steps, CPU (2 cores), fp32\n")
     print("| processes | rank | param MiB | optimizer MiB | step s |")
     print("|-----------|------|-----------|---------------|--------|")

@@ -25,12 +25,12 @@ import yaml
 from datamodules import synthetic
 from datamodules.story_format import StoryFormatConfig
 from datamodules.storystream import StoryStreamDataModule
-from datamodules.tokenizer import make_tiny_tokenizer
 from lightning_modules.components.attention_sink import SinkSettings
 from lightning_modules.components.caption_decoding import DecodeSettings
 from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
 from lightning_modules.components.story_llm import LLMSpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
+from lightning_modules.language_model import export_untrained
 from lightning_modules.story_mllm import StoryMLLMModule, load_mllm
 
 REPORT_STEPS = (5, 10, 25, 50)
@@ -39,9 +39,10 @@ REPORT_STEPS = (5, 10, 25, 50)
 def random_mllm(world: Path) -> StoryMLLMModule:
     """The tiny stage-2 config's architecture, random weights."""
     tiny = yaml.safe_load(Path("configs/tiny/stage2_mllm.yaml").read_text())["model"]["init_args"]
-    fmt = StoryFormatConfig(**{**tiny["story_format"], "tokenizer": str(world / "tokenizer")})
-    make_tiny_tokenizer(world / "train.jsonl", fmt.tokenizer, fmt.train_vocab_size)
-    module = StoryMLLMModule(llm=LLMSpec(config=tiny["llm"]["config"]), story_format=fmt, vision_encoder=VisionEncoderConfig())
+    language_model = yaml.safe_load(Path("configs/tiny/language_model.yaml").read_text())["model"]["init_args"]
+    llm = export_untrained(LLMSpec(**language_model["llm"]), [str(world / "train.jsonl")], world / "llm")
+    fmt = StoryFormatConfig(**{**tiny["story_format"], "tokenizer": str(llm)})
+    module = StoryMLLMModule(llm=LLMSpec(path=str(llm)), story_format=fmt, vision_encoder=VisionEncoderConfig())
     module.configure_model()
     return module.eval()
 

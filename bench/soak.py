@@ -26,7 +26,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import yaml  # noqa: E402
+
 from datamodules import records, synthetic  # noqa: E402
+from lightning_modules.components.story_llm import LLMSpec  # noqa: E402
+from lightning_modules.language_model import export_untrained  # noqa: E402
 from tools.cli import cli_main, config_command  # noqa: E402
 
 DAMAGE = [records.MALFORMED_JSON, records.NON_UTF8, records.MISSING_FIELD, records.LENGTH_MISMATCH,
@@ -127,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     train, injected, usable, rewritten = make_damaged_world(out / "world", args.stories, args.share, args.seed, args.size)
     world = train.parent
     steps = args.epochs * math.ceil(usable / args.batch_size)
+    # a smaller LLM than the tiny one (the same classes), untrained, and a smaller ViT view: thousands of steps
+    # in minutes on 2 cores; its tokenizer learns the clean stories' captions (the damaged file is what is read)
+    tiny = yaml.safe_load((ROOT / "configs/tiny/language_model.yaml").read_text())["model"]["init_args"]["llm"]
+    small = LLMSpec(config={**tiny["config"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2})
+    llm = export_untrained(small, [str(world / "val.jsonl"), str(world / "test.jsonl")], out / "llm")
     started = time.perf_counter()
     cli = cli_main([
         *config_command(ROOT / "configs/tiny/stage2_mllm.yaml"),
@@ -134,10 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         f"--data.init_args.test_files={world / 'test.jsonl'}", f"--data.init_args.image_root={world / 'images'}",
         "--data.init_args.synthetic=null", f"--data.init_args.image_size={args.size}", "--data.init_args.max_images=4",
         f"--data.init_args.batch_size={args.batch_size}",
-        f"--model.init_args.story_format.tokenizer={out / 'tokenizer'}", f"--model.init_args.export_dir={out / 'export'}",
-        # a smaller LLM and ViT view (the same classes): thousands of steps in minutes on 2 cores
-        "--model.init_args.llm.config.hidden_size=64", "--model.init_args.llm.config.intermediate_size=128",
-        "--model.init_args.llm.config.num_hidden_layers=2", "--model.init_args.vision_encoder.image_size=32",
+        f"--model.init_args.llm.path={llm}", f"--model.init_args.story_format.tokenizer={llm}", f"--model.init_args.export_dir={out / 'export'}",
+        "--model.init_args.vision_encoder.image_size=32",
         f"--trainer.max_steps={steps}", "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0",
         "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=50",
         f"--trainer.default_root_dir={out / 'run'}",

@@ -44,6 +44,18 @@ key                 shape / type                 meaning
 ``skipped``         dict[str, int]               samples of this batch dropped at load time, by kind
 ==================  ===========================  ====================================================
 
+``mode="text"`` (the LLM's pretraining), a whole story's captions per sample, no images:
+
+==================  ===========================  ====================================================
+key                 shape / type                 meaning
+==================  ===========================  ====================================================
+``captions``        list[list[str]]              every caption of the story
+``story_id``        list[str]                    id of the source record
+``sequence``        TextSequence                 ``BOS cap_0 [INST] cap_1 ... EOS``, padded
+                                                 (see :mod:`datamodules.sequence`)
+``skipped``         dict[str, int]               always empty: no image is read
+==================  ===========================  ====================================================
+
 A batch can be empty (every sample in it was unreadable); it then holds only ``skipped`` and
 ``batch_size == 0`` so that modules can skip it without special-casing the collate function.
 """
@@ -107,6 +119,12 @@ def collate_stories(samples: list[dict[str, Any] | str], story_format=None) -> d
     if story_format is not None:
         batch["sequence"] = story_format.collate([s["sequence"] for s in good])
     return batch
+
+
+def collate_text(samples: list[dict[str, Any]], story_format) -> dict[str, Any]:
+    """Pad caption-only stories with ``story_format`` (:class:`~datamodules.story_format.StoryFormat`)."""
+    return {"skipped": {}, "captions": [s["captions"] for s in samples], "story_id": [s["story_id"] for s in samples],
+            "sequence": story_format.collate_text([s["sequence"] for s in samples])}
 
 
 def _pad_frames(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ class StoryStreamDataset(Dataset):
         stories: list[StoryRecord],
         store: ImageStore,
         views: FrameViews,
-        mode: Literal["frames", "stories"],
+        mode: Literal["frames", "stories", "text"],
         min_images: int,
         max_images: int,
         seed: int,
@@ -68,6 +68,8 @@ class StoryStreamDataset(Dataset):
         try:
             if self.mode == "frames":
                 return self._frame(index, rng)
+            if self.mode == "text":
+                return self._text(index)
             return self._story(index, epoch, rng)
         except UnreadableImage as err:
             return err.kind
@@ -127,6 +129,15 @@ class StoryStreamDataset(Dataset):
         if self.story_format is not None:  # tokenised and laid out here, in the worker
             sample["sequence"] = self.story_format.encode(captions)
         return sample
+
+
+    def _text(self, index: int) -> dict[str, Any]:
+        """A whole story's captions, laid out as text alone (no image is read)."""
+        story = self.stories[index]
+        if self.story_format is None:
+            raise ValueError('mode="text" needs a story format with a tokenizer (the model\'s, linked by train.py)')
+        return {"captions": list(story.captions), "story_id": story.story_id,
+                "sequence": self.story_format.encode_text(story.captions)}
 
 
 class EpochSampler(DistributedSampler):

@@ -19,6 +19,8 @@ from every token outside it. Each token therefore sees exactly what it would see
 targets per forward pass.
 
 :func:`layout_story` lays out one sample (in the DataLoader workers); :func:`pad_stories` only pads.
+:func:`layout_text` / :func:`pad_text` do the same for the captions alone (the LLM's pretraining on text,
+``BOS cap_0 [INST] cap_1 ... EOS``), with the same ids for every caption and step opening.
 """
 
 from __future__ import annotations
@@ -198,3 +200,57 @@ def _block_causal_mask(mask2d: torch.Tensor, blocks: torch.Tensor) -> torch.Tens
     # a padding query row with no visible key would give NaN in softmax: let it see itself
     visible |= torch.eye(width, dtype=torch.bool)[None] & ~mask2d.bool()[:, :, None]
     return visible[:, None]
+
+
+# -- text alone: the LLM's pretraining on the stories' captions -----------------------------------
+
+
+@dataclass
+class TextSequence:
+    """A padded batch of caption-only stories: ``BOS cap_0 [INST] cap_1 ... [INST] cap_k EOS``."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) long
+    labels: torch.Tensor  # (B, T), IGNORE_INDEX on BOS and padding
+    dropped_steps: int = 0  # leading steps cut to fit max_length
+    truncated_captions: int = 0  # captions cut because one step alone exceeded max_length
+
+    def to(self, device: torch.device | str) -> TextSequence:
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       labels=self.labels.to(device))
+
+
+def layout_text(caption_ids: list[list[int]], tokens: StoryTokens, max_length: int | None = None) -> StorySample:
+    """One story's captions as text alone, each step opened as in :func:`layout_story` (so a caption has
+    the same ids in both) with nothing in place of its image. Every token but BOS is a label. Too
+    long: whole leading steps are dropped (counted); a single step still too long is cut (counted)."""
+    for first in range(len(caption_ids)):
+        sample = StorySample()
+        for j, caption in enumerate(caption_ids[first:]):
+            for token in tokens.step_opening(first=j == 0):
+                sample.add(token, label=j > 0)
+            for token in caption:
+                sample.add(token, label=True)
+        sample.add(tokens.eos, label=True)
+        sample.dropped_steps = first
+        if max_length is None or len(sample.ids) <= max_length:
+            return sample
+    keep = max_length - 1  # the last step alone is too long: cut its caption, keep EOS
+    sample.ids, sample.labels = sample.ids[:keep] + sample.ids[-1:], sample.labels[:keep] + sample.labels[-1:]
+    sample.positions, sample.block = sample.positions[: keep + 1], sample.block[: keep + 1]
+    sample.truncated_captions = 1
+    return sample
+
+
+def pad_text(samples: list[StorySample], pad: int) -> TextSequence:
+    """Pad caption-only samples on the right (the collate step of ``mode="text"``)."""
+    width = max(len(s.ids) for s in samples)
+    input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        input_ids[row, : len(s.ids)] = torch.tensor(s.ids)
+        labels[row, : len(s.ids)] = torch.tensor(s.labels)
+        mask[row, : len(s.ids)] = 1
+    return TextSequence(input_ids, mask, labels, dropped_steps=sum(s.dropped_steps for s in samples),
+                        truncated_captions=sum(s.truncated_captions for s in samples))

@@ -26,7 +26,16 @@ import torch
 from PIL import Image
 
 from datamodules.images import FrameViews
-from datamodules.sequence import StorySample, StorySequence, Supervise, layout_story, pad_stories
+from datamodules.sequence import (
+    StorySample,
+    StorySequence,
+    Supervise,
+    TextSequence,
+    layout_story,
+    layout_text,
+    pad_stories,
+    pad_text,
+)
 from datamodules.tokenizer import STEP_SEPARATOR, StoryTokens, load_story_tokenizer, make_tiny_tokenizer
 
 
@@ -48,12 +57,13 @@ class StoryFormatConfig:
 
 
 class StoryFormat:
-    """Tokenizer + ViT view + layout. ``config=None``: frames only (stage 1), no text."""
+    """Tokenizer + ViT view + layout. ``config=None``: frames only (stage 1), no text;
+    ``vit_image_size=None``: text only (the LLM's pretraining), no images."""
 
-    def __init__(self, config: StoryFormatConfig | None, vit_image_size: int):
+    def __init__(self, config: StoryFormatConfig | None, vit_image_size: int | None):
         self.config = config
         self.vit_image_size = vit_image_size
-        self.views = FrameViews(vit_size=vit_image_size)
+        self.views = FrameViews(vit_size=vit_image_size) if vit_image_size is not None else None
         self._tokenizer = None
         self._tokens: StoryTokens | None = None
 
@@ -134,6 +144,14 @@ class StoryFormat:
     def encode_batch(self, captions: Sequence[Sequence[str]]) -> StorySequence:
         """A batch laid out on the spot (batches that did not come through the DataLoader)."""
         return self.collate([self.encode(story) for story in captions])
+
+    def encode_text(self, captions: Sequence[str]) -> StorySample:
+        """One story's captions alone (no images), laid out within the token budget."""
+        ids = [self.step_caption_ids(c, first=j == 0) for j, c in enumerate(captions)]
+        return layout_text(ids, self.tokens, self.config.max_length)
+
+    def collate_text(self, samples: list[StorySample]) -> TextSequence:
+        return pad_text(samples, self.tokens.pad)
 
     # -- the ViT view ---------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules import records, shards
-from datamodules.batch import collate_frames, collate_stories
+from datamodules.batch import collate_frames, collate_stories, collate_text
 from datamodules.dataset import EpochSampler, StoryStreamDataset
 from datamodules.images import FileStore, FrameViews, ImageStore, TarStore
 from datamodules.records import SkipCounter, StoryRecord
@@ -54,7 +54,8 @@ class StoryStreamDataModule(L.LightningDataModule):
         train_files / val_files / test_files / predict_files: jsonl files, or shard patterns
             such as ``shards/train-{000000..000009}.tar``; a string or a list.
         image_root: folder that the jsonl image paths are relative to (unused for shards).
-        mode: ``"frames"`` (single images, stage 1) or ``"stories"`` (chunks, stages 2-3).
+        mode: ``"frames"`` (single images, stage 1), ``"stories"`` (chunks, stages 2-3) or ``"text"``
+            (whole stories' captions, no images: the tiny LLM's pretraining).
         max_images / min_images: a story sample has ``min_images..max_images`` consecutive frames.
         vit_image_size: side of the ViT view; leave it unset when ``story_format`` gives it.
         story_format: the model's :class:`~datamodules.story_format.StoryFormat` (``train.py`` links it
@@ -72,7 +73,7 @@ class StoryStreamDataModule(L.LightningDataModule):
         test_files: str | list[str] | None = None,
         predict_files: str | list[str] | None = None,
         image_root: str | None = None,
-        mode: Literal["frames", "stories"] = "stories",
+        mode: Literal["frames", "stories", "text"] = "stories",
         max_images: int = 10,
         min_images: int = 2,
         batch_size: int = 8,
@@ -91,7 +92,7 @@ class StoryStreamDataModule(L.LightningDataModule):
             raise ValueError(f"need 1 <= min_images <= max_images, got {min_images} and {max_images}")
         self.save_hyperparameters(ignore=["story_format"])
         self.story_format = story_format
-        if story_format is not None:
+        if story_format is not None and story_format.vit_image_size is not None:
             if vit_image_size not in (None, story_format.vit_image_size):
                 raise ValueError(f"data.vit_image_size={vit_image_size} but the model's vision encoder takes "
                                  f"{story_format.vit_image_size}px: remove vit_image_size from the data config")
@@ -155,7 +156,7 @@ class StoryStreamDataModule(L.LightningDataModule):
                 if not Path(path).is_file():
                     hint = " (or set `data.synthetic` to generate the synthetic world there)" if self.synthetic is None else ""
                     raise FileNotFoundError(f"{split}_files: {path} does not exist; fix the path in the data config{hint}")
-            if not shards.is_shard_spec(spec) and (self.image_root is None or not Path(self.image_root).is_dir()):
+            if not shards.is_shard_spec(spec) and self.mode != "text" and (self.image_root is None or not Path(self.image_root).is_dir()):
                 raise FileNotFoundError(
                     f"image_root: {self.image_root} is not a folder; set `data.image_root` to the folder "
                     f"that the image paths in {spec} are relative to"
@@ -175,8 +176,11 @@ class StoryStreamDataModule(L.LightningDataModule):
                 file_stories.extend(records.read_jsonl(Path(spec), self.min_images, self.setup_skips))
         if members and file_stories:
             raise ValueError(f"{split}_files mixes jsonl files and shards; use one kind per split")
-        if file_stories:
+        if file_stories and self.mode == "text":  # no image is read: none is checked
             store: ImageStore = FileStore(str(self.image_root))
+            stories, frames = file_stories, None
+        elif file_stories:
+            store = FileStore(str(self.image_root))
             stories, frames = self._check_images(file_stories, store)
         else:
             store = TarStore(members)
@@ -217,10 +221,15 @@ class StoryStreamDataModule(L.LightningDataModule):
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=collate_frames if self.mode == "frames" else functools.partial(collate_stories, story_format=dataset.story_format),
+            collate_fn=self._collate(dataset),
             persistent_workers=False,
             drop_last=False,
         )
+
+    def _collate(self, dataset: StoryStreamDataset):
+        if self.mode == "frames":
+            return collate_frames
+        return functools.partial(collate_text if self.mode == "text" else collate_stories, story_format=dataset.story_format)
 
     def _replicas(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -6,9 +6,8 @@ resamplers live in :mod:`lightning_modules.components`. The loss is
 ``lm_weight * CE + rec_weight * regression`` (``1 - cos`` per feature token by default, MSE
 optional) on the layout of :mod:`datamodules.sequence`.
 
-Tiny default: a small Llama built from a config with random init and trained fully (LoRA on a
-random network has nothing to preserve), a BPE tokenizer trained on the synthetic captions in
-the datamodule's ``prepare_data``. Real scale: Llama-2-7b from a local folder with LoRA (r 16, alpha 32) on every
+Tiny default: a small Llama pretrained on the stories' text (:mod:`lightning_modules.language_model`,
+with its BPE tokenizer) and trained fully here (LoRA on a tiny network saves nothing). Real scale: Llama-2-7b from a local folder with LoRA (r 16, alpha 32) on every
 projection, norms / embeddings / LM head trained, the published optimiser recipe.
 """
 

@@ -37,6 +37,23 @@ def tiny_tower(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for the quickstart's pretrained LLM (``runs/tiny_llm/export/llm``, which
+    configs/tiny/stage2_mllm.yaml reads): the tiny language-model config's Llama, seeded and
+    untrained, exported with a tokenizer trained on ``tiny_world``'s captions."""
+    from lightning_modules.components.story_llm import LLMSpec
+    from lightning_modules.language_model import export_untrained
+
+    spec = LLMSpec(**tiny_init_args("configs/tiny/language_model.yaml")["llm"])
+    return export_untrained(spec, [str(tiny_world / "train.jsonl")], tmp_path_factory.mktemp("tiny_llm"))
+
+
+def llm_args(folder: Path) -> list[str]:
+    """The command-line overrides that point the tiny stage-2 config at an LLM folder (see :func:`tiny_llm`)."""
+    return [f"--model.init_args.llm.path={folder}", f"--model.init_args.story_format.tokenizer={folder}"]
+
+
 def tower_args(tower: Path) -> list[str]:
     """The command-line override that points a tiny stage config at a tower folder."""
     return [f"--model.init_args.vision_encoder.path={tower}"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import config_command, config_files
+from tests.conftest import config_command, config_files, llm_args
 from tools.cli import cli_main
 
 YAMLS = sorted(p for p in Path("configs").rglob("*.yaml") if p.parent.name in ("tiny", "seed_story"))
@@ -156,13 +156,15 @@ def _run_length_schedules() -> list[Path]:
 
 
 @pytest.mark.parametrize("path", _run_length_schedules(), ids=str)
-def test_a_step_schedule_lasts_the_run_and_a_disagreeing_length_fails_before_training(path):
+def test_a_step_schedule_lasts_the_run_and_a_disagreeing_length_fails_before_training(path, tiny_llm):
     import torch
     from jsonargparse import dict_to_namespace
 
     from tools.cli import composed_yaml, fill_schedule_length
 
     command = config_command(str(path))[1:]
+    if "runs/tiny_llm/export/llm" in path.read_text():  # stage 2 reads its LLM's architecture when built
+        command += llm_args(tiny_llm)
     with pytest.raises(ValueError, match="total_steps=12 but trainer.max_steps=737"):  # checked before anything is built
         cli_main([*command, "--trainer.max_steps=737", "--model.init_args.scheduler.init_args.total_steps=12",
                   "--trainer.accelerator=cpu", "--trainer.logger=false"], run=False)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.tokenizer import make_tiny_tokenizer
-from tests.conftest import config_command, config_files, tower_args
+from tests.conftest import config_command, config_files, llm_args, tower_args
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
 from tools.consolidate import consolidate, read_checkpoint
@@ -73,9 +72,8 @@ def _mean_weight_difference(a: dict, b: dict) -> float:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tiny_tower, tmp_path):
-    tokenizer = make_tiny_tokenizer(tiny_world / "train.jsonl", tmp_path / "tokenizer")
-    common = [*_data(tiny_world), *tower_args(tiny_tower), f"--model.init_args.story_format.tokenizer={tokenizer}", "--model.init_args.scheduler=null",
+def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tiny_tower, tiny_llm, tmp_path):
+    common = [*_data(tiny_world), *tower_args(tiny_tower), *llm_args(tiny_llm), "--model.init_args.scheduler=null",
               "--trainer.max_steps=4", "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1"]
     _fit(tmp_path / "single", "configs/tiny/stage2_mllm.yaml", [*common, "--data.init_args.batch_size=8"])
     _fit(tmp_path / "fsdp", "configs/tiny/stage2_mllm.yaml", [*common, "--config", FSDP_CPU, "--data.init_args.batch_size=4"])
@@ -86,7 +84,7 @@ def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tin
     sharded = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
     assert sharded.is_dir()
     export = consolidate(config_files("configs/tiny/stage2_mllm.yaml"), sharded, tmp_path / "export",
-                         [f"--model.init_args.story_format.tokenizer={tokenizer}", *_data(tiny_world), *tower_args(tiny_tower)])
+                         [*llm_args(tiny_llm), *_data(tiny_world), *tower_args(tiny_tower)])
     from lightning_modules.story_mllm import load_mllm
 
     reloaded = load_mllm(export).state_dict()

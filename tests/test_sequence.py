@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from datamodules.sequence import IGNORE_INDEX, layout_story, pad_stories
+from datamodules.sequence import IGNORE_INDEX, layout_story, layout_text, pad_stories, pad_text
 from datamodules.tokenizer import StoryTokens, add_story_tokens, train_caption_tokenizer
 
 Q = 4
@@ -131,3 +131,30 @@ def test_supervise_all_sees_exactly_what_each_last_sequence_sees(tok):
             start_last = int(g_last[0]) - 1 - step
             idx_all = (together.position_ids[0] == alone.position_ids[0, start_last]).nonzero().flatten()[-1]
             assert torch.allclose(all_logits[idx_all : idx_all + step], last_logits[start_last : start_last + step], atol=1e-5)
+
+
+def test_text_layout_is_the_story_layout_without_its_images(tok):
+    """The LLM's text pretraining reads each caption and step opening with the ids stage 2 gives them."""
+    tokenizer, t = tok
+    story = build_story_sequences([CAPTIONS], tokenizer, t).input_ids[0].tolist()
+    image_tokens = {t.img_start, t.img_end, *t.slots}
+    text = pad_text([layout_text([_ids(tokenizer, c) for c in CAPTIONS], t)], t.pad)
+    assert text.input_ids[0].tolist() == [i for i in story if i not in image_tokens]
+    # every token is a label but BOS (what predicts it is nothing)
+    labels = text.labels[0].tolist()
+    assert labels[0] == IGNORE_INDEX and labels[1:] == text.input_ids[0, 1:].tolist()
+
+
+def test_text_layout_pads_and_keeps_the_budget(tok):
+    tokenizer, t = tok
+    ids = [_ids(tokenizer, c) for c in CAPTIONS]
+    full = layout_text(ids, t)
+    short = layout_text(ids, t, max_length=len(full.ids) - 1)
+    assert short.dropped_steps == 1 and short.ids[:2] == [t.bos, ids[1][0]]  # restarts with BOS cap_1
+    cut = layout_text(ids, t, max_length=4)  # even the last step alone is too long
+    assert cut.dropped_steps == 2 and cut.truncated_captions == 1
+    assert cut.ids == [t.bos, *ids[2][:2], t.eos]
+    batch = pad_text([full, short], t.pad)
+    assert batch.input_ids.shape == (2, len(full.ids))
+    assert batch.attention_mask.sum(1).tolist() == [len(full.ids), len(short.ids)]
+    assert (batch.labels[1, len(short.ids):] == IGNORE_INDEX).all() and batch.dropped_steps == 1

@@ -12,12 +12,12 @@ from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
 from lightning_modules.story_mllm import StoryMLLMModule, load_mllm, save_mllm
-from tests.conftest import config_command, data_args, tiny_init_args, tower_args
+from tests.conftest import config_command, data_args, llm_args, tiny_init_args, tower_args
 from tools.cli import cli_main
 
 TINY_ENCODER = VisionEncoderConfig(image_size=32, patch_size=8, hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128)
 # the tiny config's Llama, shrunk further
-SMALL_LLAMA = dict(tiny_init_args("configs/tiny/stage2_mllm.yaml")["llm"]["config"], hidden_size=64, intermediate_size=128,
+SMALL_LLAMA = dict(tiny_init_args("configs/tiny/language_model.yaml")["llm"]["config"], hidden_size=64, intermediate_size=128,
                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
 CPU_TRAINER = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
 SMALL_RESAMPLER = PerceiverConfig(dim=64, depth=1, heads=2, dim_head=32, ff_mult=2)
@@ -129,19 +129,17 @@ def test_saved_lora_adapter_loads_with_peft_and_gives_the_same_logits(tiny_world
     assert torch.allclose(a.predicted_features, b.predicted_features, atol=1e-5)
 
 
-def test_fit_through_train_py_trains_the_tokenizer_and_exports_what_reloads(tiny_world, tiny_tower, tmp_path):
-    """The data side trains the tiny tokenizer on the train split, batches arrive laid out, and the
-    export rebuilds a module with the same teacher-forced outputs."""
+def test_fit_through_train_py_exports_what_reloads(tiny_world, tiny_tower, tiny_llm, tmp_path):
+    """Stage 2 starts from the pretrained LLM folder (model and tokenizer), batches arrive laid out,
+    and the export rebuilds a module with the same teacher-forced outputs."""
     cli = cli_main([
-        *config_command("configs/tiny/stage2_mllm.yaml"), *tower_args(tiny_tower), "--trainer.fast_dev_run=2",
+        *config_command("configs/tiny/stage2_mllm.yaml"), *tower_args(tiny_tower), *llm_args(tiny_llm), "--trainer.fast_dev_run=2",
         f"--trainer.default_root_dir={tmp_path}",
         f"--data.init_args.train_files={tiny_world / 'train.jsonl'}", f"--data.init_args.val_files={tiny_world / 'val.jsonl'}",
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
         "--data.init_args.synthetic=null",
-        f"--model.init_args.story_format.tokenizer={tmp_path / 'tokenizer'}",
         f"--model.init_args.export_dir={tmp_path / 'export'}",
     ])
-    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
     assert cli.datamodule.story_format is cli.model.story_format  # linked, not configured twice
     batch = next(iter(cli.datamodule.val_dataloader()))
     assert batch["sequence"].input_ids.shape[0] == len(batch["captions"])  # laid out in the loader

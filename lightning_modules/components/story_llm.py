@@ -56,18 +56,25 @@ def llm_architecture(spec: LLMSpec) -> Any:
         return LlamaConfig(**raw)
     if spec.path is None:
         raise ValueError("llm: give `path` (a local model folder) or `config` (an architecture)")
+    _check_folder(spec.path)
     return AutoConfig.from_pretrained(spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
+
+
+def _check_folder(path: str) -> None:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"llm.path {path} is not a folder; point it at a local Hugging Face model (e.g. "
+                                "Llama-2-7b-hf, or the tiny pipeline's runs/tiny_llm/export/llm, made by configs/tiny/language_model.yaml)")
 
 
 def build_llm(spec: LLMSpec, vocab_size: int | None = None) -> PreTrainedModel:
     """Load or build the LLM; ``vocab_size`` sets a config-built model's base vocabulary (tiny tokenizer)."""
     if spec.path is not None and not spec.meta_init:
-        if not Path(spec.path).is_dir():
-            raise FileNotFoundError(f"llm.path {spec.path} is not a folder; point it at a local Hugging Face model (e.g. Llama-2-7b-hf)")
-        return AutoModelForCausalLM.from_pretrained(
+        _check_folder(spec.path)
+        model = AutoModelForCausalLM.from_pretrained(
             spec.path, local_files_only=True, trust_remote_code=spec.trust_remote_code, dtype=torch.float32,
             attn_implementation=spec.attn_implementation,
         )
+        return model.train()  # from_pretrained hands it over in eval mode; it is built to be trained
     config = llm_architecture(spec)
     if vocab_size is not None:
         config.vocab_size = vocab_size
