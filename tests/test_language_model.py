@@ -1,5 +1,8 @@
 """The tiny LLM's text pretraining: a loss that falls, an export stage 2 starts from."""
 
+import csv
+
+import pytest
 import torch
 
 from datamodules.story_format import StoryFormatConfig
@@ -40,8 +43,6 @@ def test_fit_trains_the_tokenizer_lowers_the_loss_and_stage2_starts_from_the_exp
         "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=2", f"--model.init_args.story_format.tokenizer={tmp_path / 'tok'}",
     ])
     assert (tmp_path / "tok" / "tokenizer.json").is_file()  # trained on the train split in prepare_data
-    import csv
-
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     losses = [float(r["train/lm_loss"]) for r in rows if r.get("train/lm_loss")]
     assert len(losses) >= 30 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5  # it learns the captions
@@ -58,3 +59,9 @@ def test_fit_trains_the_tokenizer_lowers_the_loss_and_stage2_starts_from_the_exp
     # the image tokens are stage 2's, new rows at the mean of the pretrained ones
     assert loaded["model.embed_tokens.weight"].shape[0] == vocab + 4 + 2
     torch.testing.assert_close(loaded["model.embed_tokens.weight"][vocab:], trained["model.embed_tokens.weight"].mean(0).expand(6, -1))
+
+
+def test_stage2_without_the_pretrained_llm_names_the_folder_and_the_stage_that_makes_it(tmp_path):
+    missing = tmp_path / "runs" / "tiny_llm" / "export" / "llm"
+    with pytest.raises(FileNotFoundError, match=rf"{missing}.*configs/tiny/language_model.yaml"):
+        StoryMLLMModule(llm=LLMSpec(path=str(missing)), story_format=StoryFormatConfig(tokenizer=str(missing)))
