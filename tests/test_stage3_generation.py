@@ -172,6 +172,13 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
         assert record["judge"] == expected
         readings.append(expected)
         spans.append(story["captions"][truth["start_frame"]: truth["start_frame"] + len(record["captions"])])
+    # each story sampled with its own seed, derived from the configured one and its id
+    from lightning_modules.story_generation import story_seed
+
+    seeds = [json.loads((folder / "story.json").read_text())["settings"]["seed"] for folder in folders]
+    ids = [json.loads((folder / "story.json").read_text())["story_id"] for folder in folders]
+    assert seeds == [story_seed(0, i) for i in ids] and len(set(seeds)) == 2
+    assert story_seed(0, ids[0]) == story_seed(0, ids[0]) != story_seed(1, ids[0])
     judge = json.loads((tmp_path / "stories" / "judge.json").read_text())
     assert judge.pop("real_distinct_consecutive") == pytest.approx(distinct_share(spans))  # the true stories, same frames
     assert {k: v for k, v in judge.items() if k not in ("detokenizer_dir", "mllm_dir")} == json.loads(json.dumps(summarize(readings)))

@@ -63,7 +63,7 @@ class GenerationSettings:
     # memory; the story is written first, then drawn (the same story, see components/placement.py)
     offload: bool = False
     compile_unet: bool = False  # torch.compile the UNet's forward (in place) before the first image: faster on a GPU
-    seed: int = 0
+    seed: int = 0  # captions and noise; `predict` derives each story's own from it and the story's id
 
 
 @dataclass
