@@ -130,7 +130,6 @@ class StoryStreamDataset(Dataset):
             sample["sequence"] = self.story_format.encode(captions)
         return sample
 
-
     def _text(self, index: int) -> dict[str, Any]:
         """A whole story's captions, laid out as text alone (no image is read)."""
         story = self.stories[index]
