@@ -24,7 +24,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from datamodules.batch import batch_size
 from datamodules.exports import jsonable, writing_export
-from datamodules.sequence import IGNORE_INDEX
 from datamodules.story_format import StoryFormat, StoryFormatConfig
 from lightning_modules.components import sharding, story_llm
 from lightning_modules.components.schedules import optimizer_config
@@ -77,11 +76,7 @@ class StoryLanguageModelModule(L.LightningModule):
             return None
         sequence = batch["sequence"]
         logits = self.llm(input_ids=sequence.input_ids, attention_mask=sequence.attention_mask).logits
-        # position t predicts token t + 1
-        labels = sequence.labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-        supervised = labels != IGNORE_INDEX
-        accuracy = (logits[:, :-1].argmax(-1) == labels)[supervised].float().mean()
+        loss, accuracy = story_llm.next_token_loss(logits, sequence.labels)
         on_step = stage == "train"
         self.log(f"{stage}/lm_loss", loss, batch_size=n, prog_bar=True, on_step=on_step, on_epoch=not on_step,
                  sync_dist=not on_step)

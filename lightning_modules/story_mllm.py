@@ -26,7 +26,7 @@ from torch import nn
 
 from datamodules.batch import batch_size
 from datamodules.exports import jsonable, load_tensors, prefixed, read_export, save_tensors, writing_export
-from datamodules.sequence import IGNORE_INDEX, StorySequence
+from datamodules.sequence import StorySequence
 from datamodules.story_format import StoryFormat, StoryFormatConfig
 from lightning_modules.components import sharding, story_llm
 from lightning_modules.components.context_blur import blur_toward_story_mean
@@ -276,14 +276,11 @@ class StoryMLLMModule(L.LightningModule):
         return previous + out if self.residual_features else out
 
     def losses(self, out: StoryOutputs) -> dict[str, torch.Tensor]:
-        logits, labels = out.logits[:, :-1], out.sequence.labels[:, 1:]
-        supervised = labels != IGNORE_INDEX
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        ce, accuracy = story_llm.next_token_loss(out.logits, out.sequence.labels)
         cos = F.cosine_similarity(out.predicted_features, out.target_features, dim=-1).mean()
         rec = self._regression_loss(out.predicted_features, out.target_features)
         with torch.no_grad():
             rec_copy = self._regression_loss(out.previous_features, out.target_features)  # "next = previous"
-            accuracy = (logits.argmax(-1)[supervised] == labels[supervised]).float().mean()
         return {"loss": self.lm_weight * ce + self.rec_weight * rec, "lm_loss": ce, "rec_loss": rec,
                 "rec_loss_copy": rec_copy, "token_acc": accuracy, "feature_cos": cos.detach()}
 

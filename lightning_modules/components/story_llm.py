@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+
+from datamodules.sequence import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +131,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         if layers is not None:
             return list(layers)
     return []
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each position against the next token's label, and the accuracy of its argmax,
+    over the labelled positions (``IGNORE_INDEX`` elsewhere). ``logits`` (B, T, V), ``labels`` (B, T)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    with torch.no_grad():
+        supervised = labels != IGNORE_INDEX
+        accuracy = (logits.argmax(-1)[supervised] == labels[supervised]).float().mean()
+    return ce, accuracy
