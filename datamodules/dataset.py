@@ -48,6 +48,8 @@ class StoryStreamDataset(Dataset):
         self.max_images = max_images
         self.seed = seed
         self.story_format = story_format if story_format is not None and story_format.has_text else None
+        if mode == "text" and self.story_format is None:
+            raise ValueError('mode="text" needs a story format with a tokenizer (the model\'s, linked by train.py)')
         # frames mode: (story, frame) pairs whose image passed the setup check
         self.frames = frames if frames is not None else [(s, f) for s, st in enumerate(stories) for f in range(len(st))]
 
@@ -133,8 +135,6 @@ class StoryStreamDataset(Dataset):
     def _text(self, index: int) -> dict[str, Any]:
         """A whole story's captions, laid out as text alone (no image is read)."""
         story = self.stories[index]
-        if self.story_format is None:
-            raise ValueError('mode="text" needs a story format with a tokenizer (the model\'s, linked by train.py)')
         return {"captions": list(story.captions), "story_id": story.story_id,
                 "sequence": self.story_format.encode_text(story.captions)}
 

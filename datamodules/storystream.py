@@ -176,12 +176,10 @@ class StoryStreamDataModule(L.LightningDataModule):
                 file_stories.extend(records.read_jsonl(Path(spec), self.min_images, self.setup_skips))
         if members and file_stories:
             raise ValueError(f"{split}_files mixes jsonl files and shards; use one kind per split")
-        if file_stories and self.mode == "text":  # no image is read: none is checked
+        if file_stories:
             store: ImageStore = FileStore(str(self.image_root))
-            stories, frames = file_stories, None
-        elif file_stories:
-            store = FileStore(str(self.image_root))
-            stories, frames = self._check_images(file_stories, store)
+            # text mode reads no image, so none is checked
+            stories, frames = (file_stories, None) if self.mode == "text" else self._check_images(file_stories, store)
         else:
             store = TarStore(members)
             frames = None
