@@ -50,7 +50,7 @@ class StoryOutputs:
     logits: torch.Tensor  # (B, T, V)
     predicted_features: torch.Tensor  # (Ng, N, D) regressed at the target slots
     target_features: torch.Tensor  # (Ng, N, D) the true frames' ViT features
-    previous_features: torch.Tensor | None  # (Ng, N, D) features of the frame before each target
+    previous_features: torch.Tensor | None  # (Ng, N, D) features of the frame each target edits (edit_from)
 
 
 class StoryMLLMModule(L.LightningModule):
@@ -67,12 +67,14 @@ class StoryMLLMModule(L.LightningModule):
             and query counts are filled in from the encoder, Q and the LLM width.
         lora: LoRA settings; ``None`` trains the whole LLM (the tiny random-init default).
         rec_loss: ``cosine`` (``1 - cos`` per feature token) or ``mse``.
-        residual_features: regress the change from the previous frame's features (prediction =
-            previous + resampler output). Consecutive frames share most of their content, so this
-            starts from the copy baseline instead of from nothing. Off = SEED-Story's formulation.
-        queries_from_previous: the output resampler's queries start from the previous frame's
-            tokens (each output token knows what was at its place), so the LLM's hidden states only
-            have to say what changes. ``rec_loss_copy`` (logged) is the copy baseline to beat.
+        residual_features: regress the change from an earlier frame's features (prediction = that
+            frame + resampler output), which starts from the copy baseline, not from nothing. Off =
+            SEED-Story's formulation. ``rec_loss_copy`` (logged) is the copy baseline to beat.
+        queries_from_previous: the output resampler's queries start from that frame's tokens (each
+            output token knows what was at its place), so the hidden states only say what changes.
+        edit_from: that frame: the ``previous`` one, or the chunk's ``start`` frame (at generation the
+            story's given start frame). A story reads its regressions back, so an edit of the previous
+            frame inherits its fade; an edit of the true start never compounds (README, "Not there yet").
         regress_from: what the output resampler reads. ``slots`` (SEED-Story): the hidden states at
             the Q generation slots. ``step``: the step's text (opening, caption, ``<img>``) before
             them, so the caption that says what changes reaches the regression directly instead of
@@ -108,6 +110,7 @@ class StoryMLLMModule(L.LightningModule):
         residual_features: bool = False,
         queries_from_previous: bool = False,
         regress_from: Literal["slots", "step"] = "slots",
+        edit_from: Literal["previous", "start"] = "previous",
         context_blur: float = 0.0,
         self_read: float = 0.0,
         self_read_passes: int = 1,
@@ -126,14 +129,14 @@ class StoryMLLMModule(L.LightningModule):
         self.story_format = StoryFormat(story_format or StoryFormatConfig(), self.vision_encoder.image_size)
         num_queries = self.story_format.num_queries
         self.lora = lora
-        self.lm_weight = lm_weight
-        self.rec_weight = rec_weight
-        self.rec_loss = rec_loss
-        self.residual_features = residual_features
-        self.queries_from_previous = queries_from_previous
+        self.lm_weight, self.rec_weight, self.rec_loss = lm_weight, rec_weight, rec_loss
+        self.residual_features, self.queries_from_previous = residual_features, queries_from_previous
         if regress_from not in ("slots", "step") or (regress_from == "step" and isinstance(output_resampler, QwenResamplerConfig)):
             raise ValueError(f"regress_from is 'slots', or 'step' with the perceiver output resampler; got {regress_from!r}")
         self.regress_from = regress_from
+        if edit_from not in ("previous", "start") or (edit_from == "start" and not (residual_features or queries_from_previous)):
+            raise ValueError(f"edit_from is 'previous', or 'start' with residual_features or queries_from_previous; got {edit_from!r}")
+        self.edit_from = edit_from
         self.context_blur = context_blur
         if self_read > 0 and self.story_format.config.supervise != "all":
             raise ValueError("self_read needs story_format.supervise: all (the first pass must regress every frame)")
@@ -254,8 +257,8 @@ class StoryMLLMModule(L.LightningModule):
         logits = base.lm_head(hidden)
         queries = hidden.reshape(-1, width)[seq.target_slots.flatten()].view(len(seq.target_frames), self.num_queries, width)
         target_rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
-        prev_rows = feature_index[seq.target_frames[:, 0], (seq.target_frames[:, 1] - 1).clamp(min=0)]
-        previous = features[prev_rows].float()
+        edited = (seq.target_frames[:, 1] - 1).clamp(min=0) if self.edit_from == "previous" else 0 * seq.target_frames[:, 1]
+        previous = features[feature_index[seq.target_frames[:, 0], edited]].float()
         step_text = None  # gathered only where the output resampler reads it
         if self.regress_from == "step":
             step_text = hidden.reshape(-1, width)[seq.target_text.flatten()].view(*seq.target_text.shape, width).float()
@@ -381,7 +384,7 @@ def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> Sto
         lora=None,
         **{k: v for k, v in config.items()
            if k in ("lm_weight", "rec_weight", "rec_loss", "residual_features", "queries_from_previous", "regress_from",
-                    "context_blur")},
+                    "edit_from", "context_blur")},
     )
     module.configure_model()
     if (root / "llm_adapter").is_dir():

@@ -16,7 +16,8 @@ from tests.test_story_mllm import _batch, _module, tokenizer_dir  # noqa: F401  
 RESIDUAL = dict(residual_features=True, queries_from_previous=True)
 
 
-@pytest.mark.parametrize("kwargs", [{}, RESIDUAL, {**RESIDUAL, "regress_from": "step"}], ids=["plain", "residual", "step"])
+@pytest.mark.parametrize("kwargs", [{}, RESIDUAL, {**RESIDUAL, "regress_from": "step"}, {**RESIDUAL, "edit_from": "start"}],
+                         ids=["plain", "residual", "step", "edit_start"])
 def test_teacher_forced_generation_equals_forward_story(tiny_world, tokenizer_dir, kwargs):  # noqa: F811
     """With ``regress_from: step`` the targets' captions differ in length, so the padded text mask is checked too."""
     torch.manual_seed(0)
@@ -31,7 +32,8 @@ def test_teacher_forced_generation_equals_forward_story(tiny_world, tokenizer_di
         generator._feed_frame(context, captions[0], features[0], 0)
         regressed, step_logits = [], []
         for k in range(1, len(captions)):
-            _, predicted, hidden = generator.write_step(context, k, captions[k], None, previous=features[k - 1])
+            edited = features[0] if module.edit_from == "start" else features[k - 1]
+            _, predicted, hidden = generator.write_step(context, k, captions[k], None, edited=edited)
             generator.close_image(context, features[k], k)  # teacher forcing: the true frame is read next
             regressed.append(predicted)
             step_logits.append(module.base_llm.lm_head(hidden))
@@ -103,7 +105,7 @@ def test_projected_generation_draws_and_reads_the_regression_re_standardised_by_
         generator._feed_frame(context, captions[0], features[0], 0)
         projected = []
         for k in range(1, len(captions)):
-            projected.append(generator.write_step(context, k, captions[k], None, previous=features[k - 1])[1])
+            projected.append(generator.write_step(context, k, captions[k], None, edited=features[k - 1])[1])
             generator.close_image(context, features[k], k)
     z = (whole.predicted_features - norm.bias) / norm.weight
     expected = torch.nn.functional.layer_norm(z, z.shape[-1:], eps=norm.eps) * norm.weight + norm.bias

@@ -161,6 +161,36 @@ def test_residual_regression_starts_from_the_previous_frame(tiny_world, tokenize
     assert not torch.allclose(out.previous_features, out.target_features)
 
 
+@pytest.mark.parametrize("edit_from", ["previous", "start"])
+def test_edit_from_names_the_frame_every_regression_edits_in_training_and_in_a_story(tiny_world, tokenizer_dir, tmp_path,  # noqa: F811
+                                                                                      edit_from):
+    """With the output resampler reduced to a constant change c, each regressed frame is the edited frame + c:
+    in a story, ``previous`` compounds (the start + t c at step t) and ``start`` does not (the start + c)."""
+    from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
+
+    module = load_mllm(save_mllm(_module(tokenizer_dir, supervise="all", residual_features=True, queries_from_previous=True,
+                                         edit_from=edit_from), tmp_path / "export"))
+    assert module.edit_from == edit_from
+    torch.nn.init.zeros_(module.output_resampler.proj_out.weight)
+    torch.nn.init.constant_(module.output_resampler.proj_out.bias, 0.25)
+    batch = _batch(tiny_world, n=2, max_images=4)
+    with torch.no_grad():
+        out = module.forward_story(batch)
+        features, index = module.story_features(batch)
+        story = StoryGenerator(module, None, GenerationSettings(draw_images=False, context=ContextPolicy(mode="dense")))
+        frames = [step.features for step in story.generate(batch["vit_pixels"][0, :1], batch["captions"][0][:1],
+                                                           captions=batch["captions"][0][1:4]).steps]
+    edited = index[out.sequence.target_frames[:, 0], out.sequence.target_frames[:, 1] - 1 if edit_from == "previous" else 0]
+    torch.testing.assert_close(out.predicted_features, features[edited] + 0.25)
+    for t in (1, 2, 3):
+        torch.testing.assert_close(frames[t], frames[0] + 0.25 * (t if edit_from == "previous" else 1))
+
+
+def test_edit_from_start_needs_an_edit():
+    with pytest.raises(ValueError, match="edit_from is 'previous', or 'start' with residual_features"):
+        StoryMLLMModule(llm=LLMSpec(config=SMALL_LLAMA), edit_from="start")
+
+
 def test_queries_from_previous_survive_export_and_see_the_previous_frame(tiny_world, tokenizer_dir, tmp_path):  # noqa: F811
     module = _module(tokenizer_dir, residual_features=True, queries_from_previous=True, rec_loss="mse").eval()
     batch = _batch(tiny_world, n=2, max_images=3)

@@ -190,7 +190,7 @@ class StoryGenerator:
                  for i, (c, f) in enumerate(zip(start_captions, features))]
         generator = torch.Generator().manual_seed(self.settings.seed)
         policy = self.settings.context
-        previous = story[-1].features  # the last frame as the model sees it (the residual base)
+        previous = story[-1].features  # the last frame as the model sees it
         context = None
         # offload: the story does not read its images back, so it is written whole, then drawn
         draw_later = self.settings.offload and self.settings.draw_images and not self.settings.reencode_images
@@ -207,7 +207,8 @@ class StoryGenerator:
                 for i, step in enumerate(recent):
                     self._feed_frame(context, step.caption, step.context_features, frame - len(recent) + i)
             given = captions[t] if captions is not None else None
-            caption, features, _ = self.write_step(context, frame, given, generator, previous)
+            edited = story[0].features if mllm.edit_from == "start" else previous  # what the regression edits
+            caption, features, _ = self.write_step(context, frame, given, generator, edited)
             llm_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             image = None
@@ -281,8 +282,9 @@ class StoryGenerator:
         context.feed_ids([self.format.tokens.img_end], sink.IMG_END, frame)
 
     def write_step(self, context: _LLMContext, frame: int, given: str | None, generator: torch.Generator | None,
-                   previous: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
-        """Separator, caption (decoded, or ``given``), ``<img>``, then the regressed features of the new frame.
+                   edited: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """Separator, caption (decoded, or ``given``), ``<img>``, then the regressed features of the new frame
+        (an edit of ``edited``'s features where the MLLM regresses edits: its ``edit_from``).
 
         Returns the caption, the features and the hidden states of the step's text tokens
         (separator, caption, ``<img>``): what predicts each next token, as in training's labels.
@@ -300,7 +302,7 @@ class StoryGenerator:
         queries = context.feed_ids(list(tokens.slots), sink.SLOT, frame)
         dtype = self.mllm.dtype  # the weights' (fp32 under autocast, bf16 when the model is bf16); features kept in fp32
         step_text = torch.cat(hidden)  # what regress_from: step reads besides the slots
-        features = self.mllm.regress(queries[None].to(dtype), previous[None].to(queries.device, dtype),
+        features = self.mllm.regress(queries[None].to(dtype), edited[None].to(queries.device, dtype),
                                      step_text[None].to(dtype))[0].float()
         if self.settings.project_features:
             features = self.mllm.vision_encoder.project(features)
