@@ -7,7 +7,8 @@ captions (visualisation mode, the tiny generation's sink context), so every step
 features regressed before it. Per step, over the stories, the table gives:
 
 - **MSE**: regressed against the true frame's features; **static**: the start frame's features
-  against the true frame's (a story that never changes);
+  against the true frame's (a story that never changes); **moved**: regressed against the start
+  frame's (how far the story has moved; a regression that moves as the truth does reaches static);
 - **spread**: each token's standard deviation over channels after undoing the tokenizer's final
   LayerNorm affine (every real token has 1.0): below 1 the regression has shrunk toward the mean.
 
@@ -33,12 +34,12 @@ def spread(features: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
 
 
 def drift(mllm, frames: list[dict], steps: int, project: bool) -> torch.Tensor:
-    """(steps, 3): MSE, static MSE and spread per step, averaged over the stories."""
+    """(steps, 4): MSE, static MSE, spread and moved MSE per step, averaged over the stories."""
     encoder = mllm.vision_encoder
     norm = encoder._final_norm(encoder.tower)
     settings = GenerationSettings(draw_images=False, context=ContextPolicy(mode="sink"), project_features=project)
     generator = StoryGenerator(mllm, None, settings)
-    table = torch.zeros(steps, 3)
+    table = torch.zeros(steps, 4)
     for story in frames:
         true = encoder(story["vit_pixels"]).float()
         written = generator.generate(story["vit_pixels"][:1], story["captions"][:1], captions=story["captions"][1:])
@@ -47,6 +48,7 @@ def drift(mllm, frames: list[dict], steps: int, project: bool) -> torch.Tensor:
             table[t, 0] += (regressed - true[t + 1]).pow(2).mean()
             table[t, 1] += (true[0] - true[t + 1]).pow(2).mean()
             table[t, 2] += spread(regressed, norm)
+            table[t, 3] += (regressed - true[0]).pow(2).mean()
     return table / len(frames)
 
 
@@ -67,10 +69,11 @@ def main() -> None:
     with torch.no_grad():
         plain, projected = drift(mllm, frames, args.steps, False), drift(mllm, frames, args.steps, True)
     print(f"{len(frames)} test stories, true captions, sink context")
-    print("| step | MSE | static MSE | spread | MSE, projected | spread, projected |")
-    print("|---|---|---|---|---|---|")
+    print("| step | MSE | static MSE | moved MSE | spread | MSE, projected | moved, projected | spread, projected |")
+    print("|---|---|---|---|---|---|---|---|")
     for t in range(args.steps):
-        print(f"| {t + 1} | {plain[t, 0]:.4f} | {plain[t, 1]:.4f} | {plain[t, 2]:.3f} | {projected[t, 0]:.4f} | {projected[t, 2]:.3f} |")
+        p, q = plain[t], projected[t]
+        print(f"| {t + 1} | {p[0]:.4f} | {p[1]:.4f} | {p[3]:.4f} | {p[2]:.3f} | {q[0]:.4f} | {q[3]:.4f} | {q[2]:.3f} |")
 
 
 if __name__ == "__main__":
