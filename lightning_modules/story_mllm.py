@@ -257,7 +257,8 @@ class StoryMLLMModule(L.LightningModule):
         logits = base.lm_head(hidden)
         queries = hidden.reshape(-1, width)[seq.target_slots.flatten()].view(len(seq.target_frames), self.num_queries, width)
         target_rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
-        edited = (seq.target_frames[:, 1] - 1).clamp(min=0) if self.edit_from == "previous" else 0 * seq.target_frames[:, 1]
+        frames = seq.target_frames[:, 1]
+        edited = (frames - 1).clamp(min=0) if self.edit_from == "previous" else torch.zeros_like(frames)
         previous = features[feature_index[seq.target_frames[:, 0], edited]].float()
         step_text = None  # gathered only where the output resampler reads it
         if self.regress_from == "step":
@@ -283,7 +284,7 @@ class StoryMLLMModule(L.LightningModule):
         cos = F.cosine_similarity(out.predicted_features, out.target_features, dim=-1).mean()
         rec = self._regression_loss(out.predicted_features, out.target_features)
         with torch.no_grad():
-            rec_copy = self._regression_loss(out.previous_features, out.target_features)  # "next = previous"
+            rec_copy = self._regression_loss(out.previous_features, out.target_features)  # "next = the edited frame"
         return {"loss": self.lm_weight * ce + self.rec_weight * rec, "lm_loss": ce, "rec_loss": rec,
                 "rec_loss_copy": rec_copy, "token_acc": accuracy, "feature_cos": cos.detach()}
 
