@@ -353,6 +353,35 @@ def test_teacher_forced_features_are_each_frames_regression_from_the_true_frames
     assert 0.0 <= scores["character_f1"] <= 1.0 and scores["fid_evaluator"] >= 0.0
 
 
+def test_evaluate_stories_copy_draws_each_frame_from_the_true_frame_before_it(tiny_world, exports, tmp_path, monkeypatch):  # noqa: F811
+    """``--source copy`` scores frames 1..k against the de-tokenizer's drawing of frames 0..k-1's true features."""
+    from datamodules.storystream import StoryStreamDataModule
+    from evaluation.evaluator import save_evaluator
+    from evaluation.story_metrics import StoryMetrics
+    from lightning_modules.detokenizer import load_detokenizer
+    from tests.test_story_metrics import random_evaluator
+    from tools.evaluate_stories import reference_scores
+
+    scored = []
+    update = StoryMetrics.update
+    monkeypatch.setattr(StoryMetrics, "update", lambda self, drawn, truth, *rest: (scored.append((drawn, truth)), update(self, drawn, truth, *rest))[1])
+    evaluator = save_evaluator(random_evaluator(), tmp_path / "evaluator")
+    reference_scores(str(evaluator), tiny_world, "test", "copy", steps=2, detokenizer_dir=str(exports / "stage1"),
+                     num_inference_steps=2, stories=1)
+
+    detokenizer = load_detokenizer(str(exports / "stage1")).eval()
+    dm = StoryStreamDataModule(test_files=str(tiny_world / "test.jsonl"), image_root=str(tiny_world / "images"),
+                               vit_image_size=detokenizer.vision_encoder.image_size, image_size=64)
+    dm.setup("test")
+    story = dm.datasets["test"]
+    with torch.no_grad():
+        expected = detokenizer.reconstruct(story.load_frames(0, range(0, 2))["vit_pixels"], generator=torch.Generator().manual_seed(0),
+                                           num_inference_steps=2)
+    (drawn, truth), = scored
+    torch.testing.assert_close(drawn, expected)
+    torch.testing.assert_close(truth, story.load_frames(0, range(1, 3))["pixels"])
+
+
 def test_evaluate_stories_sheet_shows_each_storys_true_frames_above_the_frames_scored(tiny_world, tmp_path):  # noqa: F811
     """``--sheet``: with ``--source real`` the frames scored are the true ones, so each story's two rows match."""
     import numpy as np

@@ -6,6 +6,7 @@ one-step regressions.
     python -m tools.evaluate_stories ... --source reconstruction --detokenizer runs/tiny_stage1/export
     python -m tools.evaluate_stories ... --source regressed --detokenizer runs/tiny_stage3/export \
         --mllm runs/tiny_stage2/export
+    python -m tools.evaluate_stories ... --source copy --detokenizer runs/tiny_stage1/export
 
 Uses the same protocol and metric code as ``train.py test``: frames 1..``steps`` of each story of
 the split, scored against the true frames with :class:`~evaluation.story_metrics.StoryMetrics`.
@@ -13,7 +14,9 @@ the split, scored against the true frames with :class:`~evaluation.story_metrics
 ``reconstruction`` scores the de-tokenizer's redrawing of each true frame from its ViT features;
 ``regressed`` draws each frame from the features the stage-2 MLLM regresses for it from the true
 frames and captions before it (teacher forced: one step of a story with nothing of its own read
-back, which separates what one regression loses from what a generated story compounds).
+back, which separates what one regression loses from what a generated story compounds);
+``copy`` draws each frame from the true features of the frame before it, the drawing a one-step
+regression must beat (lowering the feature MSE is not enough: a hedged edit can draw worse than no edit).
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, st
         generator = torch.Generator().manual_seed(index)
         if detokenizer is None:
             drawn = truth
+        elif source == "copy":  # the frame before each scored one, drawn from its true features
+            before = dataset.load_frames(index, range(0, steps))["vit_pixels"]
+            drawn = detokenizer.reconstruct(before, generator=generator, num_inference_steps=num_inference_steps,
+                                            guidance_scale=guidance_scale)
         elif mllm is None:
             drawn = detokenizer.reconstruct(frames["vit_pixels"], generator=generator, num_inference_steps=num_inference_steps,
                                             guidance_scale=guidance_scale)
@@ -96,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--evaluator", required=True)
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--split", default="test", choices=["val", "test"])
-    parser.add_argument("--source", default="real", choices=["real", "reconstruction", "regressed"])
-    parser.add_argument("--detokenizer", help="a de-tokenizer export (stage 1 or 3), for --source reconstruction / regressed")
+    parser.add_argument("--source", default="real", choices=["real", "reconstruction", "regressed", "copy"])
+    parser.add_argument("--detokenizer", help="a de-tokenizer export (stage 1 or 3), for every --source but real")
     parser.add_argument("--mllm", help="a stage-2 export, for --source regressed")
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--stories", type=int, help="score the split's first N stories (default: all)")
