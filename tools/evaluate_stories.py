@@ -65,12 +65,9 @@ def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, st
         generator = torch.Generator().manual_seed(index)
         if detokenizer is None:
             drawn = truth
-        elif source == "copy":  # the frame before each scored one, drawn from its true features
-            before = dataset.load_frames(index, range(0, steps))["vit_pixels"]
-            drawn = detokenizer.reconstruct(before, generator=generator, num_inference_steps=num_inference_steps,
-                                            guidance_scale=guidance_scale)
-        elif mllm is None:
-            drawn = detokenizer.reconstruct(frames["vit_pixels"], generator=generator, num_inference_steps=num_inference_steps,
+        elif mllm is None:  # reconstruction redraws each scored frame, copy the true frame before it
+            shown = dataset.load_frames(index, range(0, steps))["vit_pixels"] if source == "copy" else frames["vit_pixels"]
+            drawn = detokenizer.reconstruct(shown, generator=generator, num_inference_steps=num_inference_steps,
                                             guidance_scale=guidance_scale)
         else:
             features = teacher_forced_features(mllm, dataset.load_frames(index, range(0, 1 + steps)))
