@@ -31,7 +31,8 @@ from lightning_modules.components.story_generator import ContextPolicy, Generati
 from lightning_modules.components.story_llm import LLMSpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
 from lightning_modules.language_model import export_untrained
-from lightning_modules.story_mllm import StoryMLLMModule, load_mllm
+from lightning_modules.mllm_export import load_mllm
+from lightning_modules.story_mllm import StoryMLLMModule
 
 REPORT_STEPS = (5, 10, 25, 50)
 

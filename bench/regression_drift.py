@@ -25,7 +25,7 @@ import torch
 
 from datamodules.storystream import StoryStreamDataModule
 from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
-from lightning_modules.story_mllm import load_mllm
+from lightning_modules.mllm_export import load_mllm
 
 
 def spread(features: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:

@@ -30,7 +30,8 @@ from lightning_modules.components.sharding import FSDPSettings
 from lightning_modules.components.story_generator import GenerationSettings, Story, StoryGenerator
 from lightning_modules.components.unet import TrainUNet
 from lightning_modules.detokenizer import DetokenizerModule, load_detokenizer
-from lightning_modules.story_mllm import StoryMLLMModule, exported_story_format, load_mllm
+from lightning_modules.mllm_export import exported_story_format, load_mllm
+from lightning_modules.story_mllm import StoryMLLMModule
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class DetokenizerAdaptationModule(L.LightningModule):
         seq = mllm.sequence_of(batch)
         every = torch.ones(len(seq.target_frames), dtype=torch.bool)
         read = replace_with_regressions(mllm, seq, features, feature_index, features, every, self.read_own)
-        _, predicted, _, _ = mllm(seq, features, feature_index, read)
+        predicted = mllm(seq, features, feature_index, read)[1]
         return predicted.detach(), seq.target_frames.to(self.device)
 
     def _frames(self, batch: dict[str, Any], frames: torch.Tensor, key: str) -> torch.Tensor:

@@ -36,7 +36,8 @@ from lightning_modules.components.story_generator import GenerationSettings, Sto
 from lightning_modules.components.storyboard import write_story
 from lightning_modules.detokenizer import DetokenizerModule, load_detokenizer
 from lightning_modules.detokenizer_adaptation import check_export_dirs
-from lightning_modules.story_mllm import StoryMLLMModule, exported_story_format, load_mllm
+from lightning_modules.mllm_export import exported_story_format, load_mllm
+from lightning_modules.story_mllm import StoryMLLMModule
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 Orchestration only: the story format (tokenizer, ViT view, interleaved layout) is
 :class:`datamodules.story_format.StoryFormat`, so batches arrive tokenised; LLM building and the
-resamplers live in :mod:`lightning_modules.components`. The loss is
-``lm_weight * CE + rec_weight * regression`` (``1 - cos`` per feature token by default, MSE
-optional) on the layout of :mod:`datamodules.sequence`.
+resamplers live in :mod:`lightning_modules.components`, the export in :mod:`lightning_modules.mllm_export`.
+The loss is ``lm_weight * CE + rec_weight * regression`` (``1 - cos`` per feature token by default,
+MSE optional; with a ``codebook`` the keep-or-code cross-entropy) on the layout of :mod:`datamodules.sequence`.
 
 Tiny default: a small Llama pretrained on the stories' text (:mod:`lightning_modules.language_model`,
 with its BPE tokenizer) and trained fully here (LoRA on a tiny network saves nothing). Real scale: Llama-2-7b from a local folder with LoRA (r 16, alpha 32) on every
@@ -25,14 +25,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from datamodules.batch import batch_size
-from datamodules.exports import jsonable, load_tensors, prefixed, read_export, save_tensors, writing_export
+from datamodules.exports import read_export
 from datamodules.sequence import StorySequence
 from datamodules.story_format import StoryFormat, StoryFormatConfig
 from lightning_modules.components import sharding, story_llm
 from lightning_modules.components.context_blur import blur_toward_story_mean
-from lightning_modules.components.mllm_init import EXPORT_KIND, RESAMPLERS_FILE, start_from_export
+from lightning_modules.components.feature_codebook import CodebookConfig, FeatureCodebook, fit_codebook
+from lightning_modules.components.mllm_init import EXPORT_KIND, start_from_export
 from lightning_modules.components.qwen_resampler import QwenResamplerConfig
-from lightning_modules.components.resamplers import ResamplerConfig, build_resampler, resampler_config_from_dict
+from lightning_modules.components.resamplers import ResamplerConfig, build_resampler
 from lightning_modules.components.schedules import optimizer_config
 from lightning_modules.components.self_read import read_own_regressions
 from lightning_modules.components.sharding import FSDPSettings
@@ -51,6 +52,7 @@ class StoryOutputs:
     predicted_features: torch.Tensor  # (Ng, N, D) regressed at the target slots
     target_features: torch.Tensor  # (Ng, N, D) the true frames' ViT features
     previous_features: torch.Tensor | None  # (Ng, N, D) features of the frame each target edits (edit_from)
+    code_logits: torch.Tensor | None = None  # (Ng, N, K + 1) keep-or-code scores (with a codebook)
 
 
 class StoryMLLMModule(L.LightningModule):
@@ -85,6 +87,11 @@ class StoryMLLMModule(L.LightningModule):
             sharp. Generation reads back its own regressed features, which regression to the mean
             has blurred (a character half-faded where it might have moved); trained on such input,
             the model restores them instead of fading a little more at every step.
+        codebook: keep-or-code (:mod:`~lightning_modules.components.feature_codebook`): every token of the
+            next frame is a class, keep the edited frame's token or put one of ``size`` k-means codes
+            there, trained with cross-entropy instead of the regression loss and decoded by argmax, so a
+            generated frame holds real tokens instead of their blurred mean. Fitted on the training split
+            at the start of the first ``fit``; not with ``residual_features``.
         self_read / self_read_passes: in training, this share of the frames the model reads are its
             own regressions of them, ``passes`` deep (:mod:`~lightning_modules.components.self_read`;
             needs ``supervise: all``; each pass is one more forward without gradients).
@@ -114,6 +121,7 @@ class StoryMLLMModule(L.LightningModule):
         context_blur: float = 0.0,
         self_read: float = 0.0,
         self_read_passes: int = 1,
+        codebook: CodebookConfig | None = None,
         gradient_checkpointing: bool = False,
         init_from: str | None = None,
         export_dir: str | None = None,
@@ -141,6 +149,8 @@ class StoryMLLMModule(L.LightningModule):
         if self_read > 0 and self.story_format.config.supervise != "all":
             raise ValueError("self_read needs story_format.supervise: all (the first pass must regress every frame)")
         self.self_read, self.self_read_passes = self_read, self_read_passes
+        if codebook is not None and residual_features:
+            raise ValueError("codebook decodes whole tokens (keep or code): set residual_features: false")
         self.gradient_checkpointing = gradient_checkpointing
         if init_from is not None:
             read_export(init_from, EXPORT_KIND)  # a wrong path fails here, before anything is built
@@ -154,6 +164,7 @@ class StoryMLLMModule(L.LightningModule):
         self.input_resampler = build_resampler(input_resampler, encoder.dim, num_queries, width)
         self.output_resampler = build_resampler(output_resampler, width, encoder.num_tokens, encoder.dim,
                                                 query_input_dim=encoder.dim if queries_from_previous else 0)
+        self.codebook = FeatureCodebook(codebook, encoder.dim) if codebook is not None else None
         self.llm: nn.Module | None = None
         self.base_vocab_size: int | None = None
 
@@ -232,12 +243,13 @@ class StoryMLLMModule(L.LightningModule):
         if self.training and self.self_read > 0 and "story_id" in batch:
             read = read_own_regressions(self, seq, features, feature_index, read, batch)
         # one call through forward(): under FSDP the module is the root unit and must run first
-        logits, predicted, previous, target = self(seq, features, feature_index, read)
-        return StoryOutputs(seq, logits, predicted, target, previous)
+        logits, predicted, previous, target, code_logits = self(seq, features, feature_index, read)
+        return StoryOutputs(seq, logits, predicted, target, previous, code_logits)
 
     def forward(self, seq: StorySequence, features: torch.Tensor, feature_index: torch.Tensor,
                 read_features: torch.Tensor | None = None):
-        """Teacher-forced pass over a laid-out batch: logits, regressed, previous and true features.
+        """Teacher-forced pass over a laid-out batch: logits, regressed, previous and true features, and the
+        keep-or-code scores (None without a codebook).
 
         ``read_features`` (same rows as ``features``) replace them where the model *reads* frames
         (context slots, residual base); the targets stay the true ``features``.
@@ -263,13 +275,18 @@ class StoryMLLMModule(L.LightningModule):
         step_text = None  # gathered only where the output resampler reads it
         if self.regress_from == "step":
             step_text = hidden.reshape(-1, width)[seq.target_text.flatten()].view(*seq.target_text.shape, width).float()
-        regressed = self.regress(queries.float(), previous, step_text, seq.target_text_mask)
-        return logits, regressed, previous, targets[target_rows].float()
+        regressed, code_logits = self.regress_scored(queries.float(), previous, step_text, seq.target_text_mask)
+        return logits, regressed, previous, targets[target_rows].float(), code_logits
 
     def regress(self, queries: torch.Tensor, previous: torch.Tensor, step_text: torch.Tensor | None = None,
                 step_text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Features of the next frame from the hidden states at its Q generation slots ``(B, Q, H)`` (and,
         with ``regress_from: step``, at its step's text ``(B, L, H)``, its mask False where padded)."""
+        return self.regress_scored(queries, previous, step_text, step_text_mask)[0]
+
+    def regress_scored(self, queries: torch.Tensor, previous: torch.Tensor, step_text: torch.Tensor | None = None,
+                       step_text_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`regress`, and with a codebook the keep-or-code scores its features are decoded from."""
         masked = {}
         if self.regress_from == "step":  # the output resampler reads the step's text, then the slots
             if step_text_mask is not None:
@@ -277,7 +294,10 @@ class StoryMLLMModule(L.LightningModule):
                                             queries.new_ones(queries.shape[:2], dtype=torch.bool)], dim=1)
             queries = torch.cat([step_text.to(queries.dtype), queries], dim=1)
         out = self.output_resampler(queries, query_features=previous if self.queries_from_previous else None, **masked)
-        return previous + out if self.residual_features else out
+        if self.codebook is not None:
+            scores = self.codebook.logits(out)
+            return self.codebook.decode(previous, scores.argmax(-1)), scores
+        return (previous + out if self.residual_features else out), None
 
     def losses(self, out: StoryOutputs) -> dict[str, torch.Tensor]:
         ce, accuracy = story_llm.next_token_loss(out.logits, out.sequence.labels)
@@ -285,8 +305,13 @@ class StoryMLLMModule(L.LightningModule):
         rec = self._regression_loss(out.predicted_features, out.target_features)
         with torch.no_grad():
             rec_copy = self._regression_loss(out.previous_features, out.target_features)  # "next = the edited frame"
-        return {"loss": self.lm_weight * ce + self.rec_weight * rec, "lm_loss": ce, "rec_loss": rec,
-                "rec_loss_copy": rec_copy, "token_acc": accuracy, "feature_cos": cos.detach()}
+        terms = {"lm_loss": ce, "rec_loss": rec, "rec_loss_copy": rec_copy, "token_acc": accuracy, "feature_cos": cos.detach()}
+        image_loss = rec
+        if self.codebook is not None:  # the decoded features carry no gradient: the classes are trained
+            image_loss, terms["code_acc_changed"] = self.codebook.loss(out.code_logits, out.previous_features,
+                                                                         out.target_features)
+            terms["code_loss"], terms["rec_loss"] = image_loss, rec.detach()
+        return {"loss": self.lm_weight * ce + self.rec_weight * image_loss, **terms}
 
     def _regression_loss(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.rec_loss == "cosine":
@@ -325,76 +350,28 @@ class StoryMLLMModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         return optimizer_config(self.trainable_parameters(), self.optimizer_factory, self.scheduler_factory)
 
+    def on_fit_start(self) -> None:
+        """Fit the codebook on the training split's frames, once (a resumed or ``init_from`` run has its codes)."""
+        if self.codebook is None or bool(self.codebook.fitted):
+            return
+        if self.trainer.datamodule is None:
+            raise ValueError("codebook: fit with a datamodule (the codes are fitted on its train_dataloader), "
+                             "or start from an export that has them (init_from)")
+        if self.trainer.is_global_zero:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():  # leaves the training's random stream as it was
+                frames = (self.vision_encoder(b["vit_pixels"][b["frame_mask"]].to(self.device))
+                          for b in self.trainer.datamodule.train_dataloader())
+                fit_codebook(self.codebook, frames)
+            log.info("codebook: %d codes fitted on %d training tokens", self.codebook.config.size, self.codebook.config.fit_tokens)
+        codes = self.trainer.strategy.broadcast(self.codebook.codes.cpu(), src=0)  # every rank the same codes
+        self.codebook.codes.copy_(codes)
+        self.codebook.fitted.fill_(True)
+
     def on_fit_end(self) -> None:
         sharding.export_at_fit_end(self, self.export_dir)
 
     def export(self, directory: str | Path) -> Path:
         """peft adapter (or full LLM), resamplers as safetensors, tokenizer and ``export.json``."""
+        from lightning_modules.mllm_export import save_mllm  # the export module builds on this one
+
         return save_mllm(self, directory)
-
-
-# -- export ----------------------------------------------------------------------------------
-
-
-def save_mllm(module: StoryMLLMModule, out_dir: str | Path) -> Path:
-    """The export: everything stage 3 and generation need, in standard formats.
-
-    ``llm_adapter/`` (peft ``save_pretrained``, LoRA + the modules trained whole, the new token rows
-    among them) or ``llm/`` (a full ``save_pretrained`` when trained without LoRA), ``tokenizer/``,
-    the resamplers as safetensors, and the module's settings in ``export.json``.
-    """
-    module.ensure_built()
-    config = jsonable({k: v for k, v in module.hparams.items() if k not in ("export_dir", "fsdp", "init_from")})
-    with writing_export(out_dir, EXPORT_KIND, config) as tmp:
-        module.llm.save_pretrained(str(tmp / ("llm_adapter" if module.lora is not None else "llm")))
-        module.story_format.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        resamplers = {f"input_resampler.{k}": v for k, v in module.input_resampler.state_dict().items()}
-        resamplers.update({f"output_resampler.{k}": v for k, v in module.output_resampler.state_dict().items()})
-        save_tensors(tmp, RESAMPLERS_FILE, resamplers)
-    return Path(out_dir)
-
-
-def _read_export(export_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    return Path(export_dir), read_export(export_dir, EXPORT_KIND)
-
-
-def _exported_format_config(root: Path, config: dict[str, Any]) -> StoryFormatConfig:
-    # the export's own tokenizer folder, never trained again
-    return StoryFormatConfig(**{**config["story_format"], "tokenizer": str(root / "tokenizer"), "train_vocab_size": None})
-
-
-def exported_story_format(export_dir: str | Path) -> StoryFormat:
-    """The story format of a stage-2 export, without building the model (what stage 3's data is encoded with)."""
-    root, config = _read_export(export_dir)
-    vision = FrozenVisionEncoder(VisionEncoderConfig(**config["vision_encoder"]))  # the tower itself is built lazily
-    return StoryFormat(_exported_format_config(root, config), vision.image_size)
-
-
-def load_mllm(export_dir: str | Path, device: str | torch.device = "cpu") -> StoryMLLMModule:
-    """Rebuild a trained stage-2 MLLM from :func:`save_mllm`'s folder (frozen, eval mode)."""
-    root, config = _read_export(export_dir)
-    llm = LLMSpec(**config.pop("llm")) if config.get("llm") else None
-    if (root / "llm").is_dir():
-        llm = LLMSpec(path=str(root / "llm"))
-    module = StoryMLLMModule(
-        llm=llm,
-        story_format=_exported_format_config(root, config),
-        vision_encoder=VisionEncoderConfig(**config.pop("vision_encoder")) if config.get("vision_encoder") else None,
-        input_resampler=resampler_config_from_dict(config.pop("input_resampler", None)),
-        output_resampler=resampler_config_from_dict(config.pop("output_resampler", None)),
-        lora=None,
-        **{k: v for k, v in config.items()
-           if k in ("lm_weight", "rec_weight", "rec_loss", "residual_features", "queries_from_previous", "regress_from",
-                    "edit_from", "context_blur")},
-    )
-    module.configure_model()
-    if (root / "llm_adapter").is_dir():
-        from peft import PeftModel
-
-        module.llm = PeftModel.from_pretrained(module.llm, str(root / "llm_adapter"))
-        module.lora = LoRASpec()
-    state = load_tensors(root, RESAMPLERS_FILE)
-    module.input_resampler.load_state_dict(prefixed(state, "input_resampler"))
-    module.output_resampler.load_state_dict(prefixed(state, "output_resampler"))
-    module.requires_grad_(False)
-    return module.to(device).eval()

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.story_mllm import load_mllm
+from lightning_modules.mllm_export import load_mllm
 from tests.test_qwen_vit import reference_resampler
 from tools.convert import convert_agent
 from tools.mini_pretrained import (

@@ -85,7 +85,7 @@ def test_stage2_fsdp_two_processes_match_one_and_halve_the_bytes(tiny_world, tin
     assert sharded.is_dir()
     export = consolidate(config_files("configs/tiny/stage2_mllm.yaml"), sharded, tmp_path / "export",
                          [*llm_args(tiny_llm), *_data(tiny_world), *tower_args(tiny_tower)])
-    from lightning_modules.story_mllm import load_mllm
+    from lightning_modules.mllm_export import load_mllm
 
     reloaded = load_mllm(export).state_dict()
     gathered = read_checkpoint(sharded)["state_dict"]
@@ -189,7 +189,7 @@ def _sharded_mllm_worker(rank: int, port: int, mllm_dir: str, batch: dict, out: 
 
     from lightning_modules.components.sharding import FSDPSettings
     from lightning_modules.components.story_generator import GenerationSettings, StoryGenerator
-    from lightning_modules.story_mllm import exported_story_format, load_mllm
+    from lightning_modules.mllm_export import exported_story_format, load_mllm
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)

@@ -10,18 +10,22 @@ import torch
 
 from datamodules.sequence import layout_story, pad_stories
 from lightning_modules.components.caption_decoding import DecodeSettings
+from lightning_modules.components.feature_codebook import CodebookConfig
 from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
 from tests.test_story_mllm import _batch, _module, tokenizer_dir  # noqa: F401  (fixture)
 
 RESIDUAL = dict(residual_features=True, queries_from_previous=True)
 
 
-@pytest.mark.parametrize("kwargs", [{}, RESIDUAL, {**RESIDUAL, "regress_from": "step"}, {**RESIDUAL, "edit_from": "start"}],
-                         ids=["plain", "residual", "step", "edit_start"])
+@pytest.mark.parametrize("kwargs", [{}, RESIDUAL, {**RESIDUAL, "regress_from": "step"}, {**RESIDUAL, "edit_from": "start"},
+                                    {"queries_from_previous": True, "codebook": CodebookConfig(size=16)}],
+                         ids=["plain", "residual", "step", "edit_start", "codebook"])
 def test_teacher_forced_generation_equals_forward_story(tiny_world, tokenizer_dir, kwargs):  # noqa: F811
     """With ``regress_from: step`` the targets' captions differ in length, so the padded text mask is checked too."""
     torch.manual_seed(0)
     module = _module(tokenizer_dir, supervise="all", **kwargs).eval()
+    if module.codebook is not None:  # codes to decode to (a fitted codebook's are k-means centres)
+        module.codebook.codes.normal_()
     batch = _batch(tiny_world, n=1, max_images=4)
     captions = batch["captions"][0]
     with torch.no_grad():

@@ -13,7 +13,7 @@ from lightning_modules.components.story_generator import ContextPolicy, Generati
 from lightning_modules.components.unet import UNetSpec
 from lightning_modules.detokenizer import DetokenizerModule
 from lightning_modules.detokenizer_adaptation import DetokenizerAdaptationModule
-from lightning_modules.story_mllm import save_mllm
+from lightning_modules.mllm_export import save_mllm
 from tests.conftest import NO_PROJECTION, config_command, data_args
 from tests.test_detokenizer import SMALL_UNET
 from tests.test_story_mllm import TINY_ENCODER, _module, tokenizer_dir  # noqa: F401  (fixture)

@@ -11,7 +11,8 @@ from datamodules.tokenizer import make_tiny_tokenizer
 from lightning_modules.components.perceiver import PerceiverConfig
 from lightning_modules.components.story_llm import LLMSpec, LoRASpec
 from lightning_modules.components.vision_encoder import VisionEncoderConfig
-from lightning_modules.story_mllm import StoryMLLMModule, load_mllm, save_mllm
+from lightning_modules.mllm_export import load_mllm, save_mllm
+from lightning_modules.story_mllm import StoryMLLMModule
 from tests.conftest import config_command, data_args, llm_args, tiny_init_args, tower_args
 from tools.cli import cli_main
 
@@ -129,7 +130,13 @@ def test_saved_lora_adapter_loads_with_peft_and_gives_the_same_logits(tiny_world
     assert torch.allclose(a.predicted_features, b.predicted_features, atol=1e-5)
 
 
-def test_fit_through_train_py_exports_what_reloads(tiny_world, tiny_tower, tiny_llm, tmp_path):
+# keep-or-code: the codes are fitted on the train split at the start of fit (a small codebook: the tiny world is small)
+KEEP_OR_CODE = ["--model.init_args.residual_features=false", "--model.init_args.codebook.size=64",
+                "--model.init_args.codebook.fit_tokens=5000"]
+
+
+@pytest.mark.parametrize("overrides", [[], KEEP_OR_CODE], ids=["tiny_config", "keep_or_code"])
+def test_fit_through_train_py_exports_what_reloads(tiny_world, tiny_tower, tiny_llm, tmp_path, overrides):
     """Stage 2 starts from the pretrained LLM folder (model and tokenizer), batches arrive laid out,
     and the export rebuilds a module with the same teacher-forced outputs."""
     cli = cli_main([
@@ -139,8 +146,11 @@ def test_fit_through_train_py_exports_what_reloads(tiny_world, tiny_tower, tiny_
         f"--data.init_args.test_files={tiny_world / 'test.jsonl'}", f"--data.init_args.image_root={tiny_world / 'images'}",
         "--data.init_args.synthetic=null",
         f"--model.init_args.export_dir={tmp_path / 'export'}",
+        *overrides,
     ])
     assert cli.datamodule.story_format is cli.model.story_format  # linked, not configured twice
+    if overrides:  # fitted at the start of fit: 64 distinct codes
+        assert bool(cli.model.codebook.fitted) and len(torch.unique(cli.model.codebook.codes, dim=0)) == 64
     batch = next(iter(cli.datamodule.val_dataloader()))
     assert batch["sequence"].input_ids.shape[0] == len(batch["captions"])  # laid out in the loader
     reloaded = load_mllm(tmp_path / "export")
@@ -269,10 +279,10 @@ def test_self_read_trains_on_the_models_own_regressions_of_the_frames_it_reads(t
     seq = module.story_format.encode_batch(batch["captions"])
     targets = index[seq.target_frames[:, 0], seq.target_frames[:, 1]]
     with torch.no_grad():  # the teacher-forced regression of every frame after the first, computed here on its own
-        _, regressed, _, _ = module(seq, features, index)
+        regressed = module(seq, features, index)[1]
         once = features.clone()
         once[targets] = regressed
-        _, regressed_again, _, _ = module(seq, features, index, once)
+        regressed_again = module(seq, features, index, once)[1]
     read = read_own_regressions(module, seq, features, index, None, batch)
     torch.testing.assert_close(read[targets], regressed)  # share 1: every frame after the first is the model's own
     firsts = index[:, 0]

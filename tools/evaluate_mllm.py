@@ -26,7 +26,8 @@ from datamodules.images import FileStore, decode_rgb
 from datamodules.sequence import IGNORE_INDEX
 from datamodules.synthetic_world import CHARACTER_NAMES
 from lightning_modules.components.story_generator import ContextPolicy, GenerationSettings, StoryGenerator
-from lightning_modules.story_mllm import StoryMLLMModule, load_mllm
+from lightning_modules.mllm_export import load_mllm
+from lightning_modules.story_mllm import StoryMLLMModule
 
 
 class BigramModel:

@@ -50,7 +50,7 @@ def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, st
         detokenizer = load_detokenizer(detokenizer_dir).eval()
         vit_size = detokenizer.vision_encoder.image_size
     if source == "regressed":
-        from lightning_modules.story_mllm import load_mllm
+        from lightning_modules.mllm_export import load_mllm
 
         mllm = load_mllm(mllm_dir)
     dm = StoryStreamDataModule(**{f"{split}_files": str(data / f"{split}.jsonl")}, image_root=str(data / "images"),

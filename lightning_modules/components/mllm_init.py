@@ -1,7 +1,7 @@
 """Stage 2's ``init_from``: a stage-2 export's trained weights loaded strictly into a freshly built module.
 
-The export layout (:func:`lightning_modules.story_mllm.save_mllm`): ``llm_adapter/`` (peft) or
-``llm/`` (a whole LLM), ``tokenizer/``, and the two resamplers in :data:`RESAMPLERS_FILE`.
+The export layout (:func:`lightning_modules.mllm_export.save_mllm`): ``llm_adapter/`` (peft) or
+``llm/`` (a whole LLM), ``tokenizer/``, and the parts around the LLM in :data:`RESAMPLERS_FILE` (:func:`head_parts`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 
 EXPORT_KIND = "mllm"
 RESAMPLERS_FILE = "resamplers.safetensors"
+
+
+def head_parts(module) -> list[str]:
+    """The module's parts around the LLM that :data:`RESAMPLERS_FILE` holds, each under its name as key prefix:
+    the two resamplers and, where the module has one, the keep-or-code codebook (its codes and head)."""
+    return ["input_resampler", "output_resampler"] + (["codebook"] if getattr(module, "codebook", None) is not None else [])
 
 
 def start_from_export(module, export_dir: str | Path) -> None:
@@ -45,6 +51,6 @@ def start_from_export(module, export_dir: str | Path) -> None:
         trained = story_llm.build_llm(LLMSpec(path=str(root / "llm")))
         load_strictly(module.llm, trained.state_dict(), f"init_from {root / 'llm'}")
     state = load_tensors(root, RESAMPLERS_FILE)
-    for name in ("input_resampler", "output_resampler"):
+    for name in head_parts(module):
         load_strictly(getattr(module, name), prefixed(state, name), f"init_from {root / RESAMPLERS_FILE} ({name}.*)")
     log.info("stage 2 starts from %s", root)

@@ -30,7 +30,7 @@ def replace_with_regressions(model, seq, features: torch.Tensor, feature_index: 
     rows = feature_index[seq.target_frames[:, 0], seq.target_frames[:, 1]][take.to(feature_index.device)]
     out = read
     for _ in range(passes):
-        _, predicted, _, _ = model(seq, features, feature_index, out)
+        predicted = model(seq, features, feature_index, out)[1]
         out = read.clone()
         out[rows] = predicted[take.to(predicted.device)].to(out.dtype)
     return out
