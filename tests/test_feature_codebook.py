@@ -5,7 +5,7 @@ import torch
 
 from lightning_modules.components.feature_codebook import CodebookConfig, FeatureCodebook, fit_codebook, kmeans
 from lightning_modules.mllm_export import load_mllm, save_mllm
-from tests.test_story_mllm import _batch, _module, tokenizer_dir  # noqa: F401  (fixture)
+from tests.test_story_mllm import _batch, _module, _train, tokenizer_dir  # noqa: F401  (fixture)
 
 
 def _codebook(codes: torch.Tensor) -> FeatureCodebook:
@@ -76,14 +76,7 @@ def test_a_codebook_stage_2_decodes_whole_tokens_learns_and_survives_export(tiny
     batch = _batch(tiny_world, n=4, max_images=4)
     features, _ = module.story_features(batch)
     fit_codebook(module.codebook, [features])
-    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=3e-3)
-    history = []
-    for _ in range(40):
-        terms = module.losses(module.forward_story(batch))
-        optimizer.zero_grad()
-        terms["loss"].backward()
-        optimizer.step()
-        history.append({k: float(v) for k, v in terms.items()})
+    history = _train(module, batch, steps=40)
     assert history[-1]["code_loss"] < 0.5 * history[0]["code_loss"]
     assert history[-1]["rec_loss"] < history[0]["rec_loss"]  # the decoded frames come closer to the truth
     module.eval()

@@ -39,6 +39,19 @@ def _module(tokenizer_dir, supervise="last", **kw) -> StoryMLLMModule:
     return module
 
 
+def _train(module: StoryMLLMModule, batch, steps: int, lr: float = 3e-3) -> list[dict[str, float]]:
+    """``steps`` AdamW steps on one batch; every step's loss terms."""
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=lr)
+    history = []
+    for _ in range(steps):
+        terms = module.losses(module.forward_story(batch))
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        history.append({k: float(v) for k, v in terms.items()})
+    return history
+
+
 def _batch(world, n=4, max_images=4, seed=0):
     dm = StoryStreamDataModule(**data_args(world, batch_size=n, max_images=max_images, min_images=max_images, seed=seed, shuffle=False))
     dm.setup("fit")
@@ -83,14 +96,7 @@ def test_overfit_a_few_stories(tiny_world, tokenizer_dir):
     torch.manual_seed(0)
     module = _module(tokenizer_dir, supervise="all")
     batch = _batch(tiny_world)
-    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=3e-3)
-    history = []
-    for _ in range(150):
-        terms = module.losses(module.forward_story(batch))
-        optimizer.zero_grad()
-        terms["loss"].backward()
-        optimizer.step()
-        history.append({k: float(v) for k, v in terms.items()})
+    history = _train(module, batch, steps=150)
     first, last = history[0], history[-1]
     assert last["lm_loss"] < 0.2 * first["lm_loss"]
     assert last["rec_loss"] < 0.5 * first["rec_loss"]
