@@ -361,8 +361,8 @@ class StoryMLLMModule(L.LightningModule):
             with torch.random.fork_rng(devices=[]), torch.no_grad():  # leaves the training's random stream as it was
                 frames = (self.vision_encoder(b["vit_pixels"][b["frame_mask"]].to(self.device))
                           for b in self.trainer.datamodule.train_dataloader())
-                fit_codebook(self.codebook, frames)
-            log.info("codebook: %d codes fitted on %d training tokens", self.codebook.config.size, self.codebook.config.fit_tokens)
+                fitted_on = fit_codebook(self.codebook, frames)
+            log.info("codebook: %d codes fitted on %d training tokens", self.codebook.config.size, fitted_on)
         codes = self.trainer.strategy.broadcast(self.codebook.codes.cpu(), src=0)  # every rank the same codes
         self.codebook.codes.copy_(codes)
         self.codebook.fitted.fill_(True)

@@ -64,7 +64,7 @@ def test_kmeans_finds_well_separated_clusters_and_fit_reads_until_enough_tokens(
             read.append(part)
             yield part
 
-    fit_codebook(book, frames())
+    assert fit_codebook(book, frames()) == 400
     assert len(read) == 50 and bool(book.fitted)  # 400 tokens, then it stops reading
     torch.testing.assert_close(book.codes, kmeans(tokens[:400], 4, iterations=10, seed=0))
 

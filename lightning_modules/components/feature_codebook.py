@@ -115,9 +115,10 @@ def kmeans(tokens: torch.Tensor, size: int, iterations: int, seed: int) -> torch
 
 
 @torch.no_grad()
-def fit_codebook(codebook: FeatureCodebook, frames: Iterable[torch.Tensor]) -> None:
+def fit_codebook(codebook: FeatureCodebook, frames: Iterable[torch.Tensor]) -> int:
     """Fit the codes on the tokens of ``frames`` (batches of ``(F, N, D)`` features), read until
-    ``fit_tokens`` tokens are collected, and mark the codebook fitted."""
+    ``fit_tokens`` tokens are collected, and mark the codebook fitted; returns how many tokens it fitted on
+    (fewer than ``fit_tokens`` where the frames run out)."""
     config, collected, count = codebook.config, [], 0
     for features in frames:
         collected.append(features.reshape(-1, features.shape[-1]).float().cpu())
@@ -127,3 +128,4 @@ def fit_codebook(codebook: FeatureCodebook, frames: Iterable[torch.Tensor]) -> N
     tokens = torch.cat(collected)[: config.fit_tokens] if collected else torch.zeros(0, codebook.codes.shape[1])
     codebook.codes.copy_(kmeans(tokens, config.size, config.iterations, config.seed))
     codebook.fitted.fill_(True)
+    return len(tokens)
