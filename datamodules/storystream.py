@@ -203,12 +203,20 @@ class StoryStreamDataModule(L.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------
 
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+    def single_rank_train_loader(self) -> DataLoader:
+        """The training split in epoch 0's order as one process reads it, whatever the world size: for what
+        rank 0 computes once from the data (stage 2's codebook), so that 1 rank or 8 compute the same."""
+        return self._loader("train", self.batch_size, train=True, replicas=(1, 0))
+
+    def _loader(self, split: str, batch_size: int, train: bool, replicas: tuple[int, int] | None = None) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
         dataset = self.datasets[split]
-        world_size, rank = self._replicas()
+        world_size, rank = replicas or self._replicas()
         sampler = EpochSampler(len(dataset), world_size, rank, shuffle=train and self.shuffle, seed=self.seed, even=train)
+        if replicas is not None:  # a side read: the training loader's sampler and resume position stay as they are
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                              collate_fn=self._collate(dataset), persistent_workers=False, drop_last=False)
         if train and self._resume_state:
             sampler.set_epoch(self._resume_state["epoch"])
             sampler.start_index = self._resume_state["start_index"]

@@ -354,18 +354,17 @@ class StoryMLLMModule(L.LightningModule):
         """Fit the codebook on the training split's frames, once (a resumed or ``init_from`` run has its codes)."""
         if self.codebook is None or bool(self.codebook.fitted):
             return
-        if self.trainer.datamodule is None:
-            raise ValueError("codebook: fit with a datamodule (the codes are fitted on its train_dataloader), "
+        if not hasattr(self.trainer.datamodule, "single_rank_train_loader"):
+            raise ValueError("codebook: fit with the StoryStream datamodule (the codes are fitted on its training split), "
                              "or start from an export that has them (init_from)")
         if self.trainer.is_global_zero:
             with torch.random.fork_rng(devices=[]), torch.no_grad():  # leaves the training's random stream as it was
                 frames = (self.vision_encoder(b["vit_pixels"][b["frame_mask"]].to(self.device))
-                          for b in self.trainer.datamodule.train_dataloader())
+                          for b in self.trainer.datamodule.single_rank_train_loader())
                 fitted_on = fit_codebook(self.codebook, frames)
             log.info("codebook: %d codes fitted on %d training tokens", self.codebook.config.size, fitted_on)
         codes = self.trainer.strategy.broadcast(self.codebook.codes.cpu(), src=0)  # every rank the same codes
-        self.codebook.codes.copy_(codes)
-        self.codebook.fitted.fill_(True)
+        self.codebook.set_codes(codes.to(self.codebook.codes.device))
 
     def on_fit_end(self) -> None:
         sharding.export_at_fit_end(self, self.export_dir)

@@ -33,9 +33,10 @@ def test_labels_pick_the_nearer_of_keep_and_the_nearest_code_and_decode_to_it():
     assert ((decoded - target).norm(dim=-1) <= (kept - target).norm(dim=-1) + 1e-6).all()
 
 
-def test_loss_is_the_cross_entropy_of_the_labels_and_accuracy_counts_changed_tokens():
+def test_the_joint_loss_is_the_cross_entropy_of_the_labels_and_accuracy_counts_changed_tokens():
     torch.manual_seed(0)
     book = _codebook(torch.randn(6, 4))
+    book.config.loss = "joint"
     kept, target = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     labels = book.labels(kept, target)
     perfect = torch.nn.functional.one_hot(labels, 7).float() * 50
@@ -46,6 +47,28 @@ def test_loss_is_the_cross_entropy_of_the_labels_and_accuracy_counts_changed_tok
     ce, accuracy = book.loss(wrong, kept, target)
     torch.testing.assert_close(ce, expected)
     assert accuracy == 0
+
+
+def test_the_factored_loss_is_keep_or_change_over_all_tokens_plus_the_code_over_changing_ones():
+    torch.manual_seed(0)
+    book = _codebook(torch.randn(6, 4))
+    kept, target = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    target[0, :3] = kept[0, :3]  # unchanged: keep
+    labels = book.labels(kept, target).flatten()
+    assert (labels == 0).any() and (labels != 0).any()
+    logits = torch.randn(2, 5, 7)
+    keep_or_change, which_code = [], []
+    for scores, label in zip(logits.flatten(0, 1), labels.tolist()):
+        p = scores.softmax(-1)
+        keep_or_change.append(-torch.log(p[0] if label == 0 else p[1:].sum()))
+        if label:
+            which_code.append(-torch.log(p[label] / p[1:].sum()))
+    expected = torch.stack(keep_or_change).mean() + torch.stack(which_code).mean()
+    book.config.loss = "factored"
+    torch.testing.assert_close(book.loss(logits, kept, target)[0], expected)
+    book.config.loss = "joint"  # the same terms, the code's averaged over every token
+    joint = torch.stack(keep_or_change).mean() + torch.stack(which_code).sum() / len(labels)
+    torch.testing.assert_close(book.loss(logits, kept, target)[0], joint)
 
 
 def test_kmeans_finds_well_separated_clusters_and_fit_reads_until_enough_tokens():
@@ -93,3 +116,4 @@ def test_a_codebook_stage_2_decodes_whole_tokens_learns_and_survives_export(tiny
         torch.testing.assert_close(reloaded.forward_story(batch).predicted_features, out.predicted_features)
     with pytest.raises(ValueError, match="residual_features"):
         _module(tokenizer_dir, residual_features=True, codebook=codebook)
+

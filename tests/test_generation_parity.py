@@ -25,11 +25,15 @@ def test_teacher_forced_generation_equals_forward_story(tiny_world, tokenizer_di
     torch.manual_seed(0)
     module = _module(tokenizer_dir, supervise="all", **kwargs).eval()
     if module.codebook is not None:  # codes to decode to (a fitted codebook's are k-means centres)
-        module.codebook.codes.normal_()
+        module.codebook.set_codes(torch.randn_like(module.codebook.codes))
     batch = _batch(tiny_world, n=1, max_images=4)
     captions = batch["captions"][0]
     with torch.no_grad():
         whole = module.forward_story(batch)
+        if module.codebook is not None:  # keep's bias set so that about half the tokens keep and half take a code
+            margins = whole.code_logits[..., 1:].amax(-1) - whole.code_logits[..., 0]
+            module.codebook.head.bias[0] += margins.quantile(0.5) + 1e-2  # not on a tie: rounding would decide it
+            whole = module.forward_story(batch)
         features, _ = module.story_features(batch)
         generator = StoryGenerator(module, None, GenerationSettings(draw_images=False, context=ContextPolicy(mode="dense")))
         context = generator.new_context()
@@ -44,6 +48,9 @@ def test_teacher_forced_generation_equals_forward_story(tiny_world, tokenizer_di
     # features: one target per frame 1..k, in order
     assert whole.sequence.target_frames[:, 1].tolist() == list(range(1, len(captions)))
     torch.testing.assert_close(torch.stack(regressed), whole.predicted_features, atol=1e-5, rtol=0)
+    if module.codebook is not None:  # both keep and code decisions were compared
+        choices = whole.code_logits.argmax(-1)
+        assert (choices == 0).any() and (choices != 0).any()
     # logits: every text token of each step ([INST] caption <img>) sees the same context in both forms
     expected = []
     for k in range(1, len(captions)):
