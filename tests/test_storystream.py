@@ -97,6 +97,18 @@ def test_two_ranks_two_workers_see_every_story_once(tiny_world):
     assert sorted(seen) == sorted(str(i) for i in range(16))
 
 
+def test_the_single_rank_loader_reads_as_one_process_on_any_rank_and_leaves_the_training_loader_alone(tiny_world):
+    one = _datamodule(tiny_world, batch_size=2)
+    expected = [sid for b in one.train_dataloader() for sid in b["story_id"]]
+    for rank in range(2):
+        dm = StoryStreamDataModule(**data_args(tiny_world, batch_size=2))
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        dm.load_state_dict({"epoch": 0, "start_index": 2})  # a resume position, for the training loader only
+        assert [sid for b in dm.single_rank_train_loader() for sid in b["story_id"]] == expected
+        shard = [sid for b in dm.train_dataloader() for sid in b["story_id"]]
+        assert shard == expected[rank::2][2:]
+
+
 def test_resume_position_skips_what_was_consumed(tiny_world):
     dm = _datamodule(tiny_world, batch_size=2)
     full = [sid for b in dm.train_dataloader() for sid in b["story_id"]]
