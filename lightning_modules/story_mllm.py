@@ -4,7 +4,7 @@ Orchestration only: the story format (tokenizer, ViT view, interleaved layout) i
 :class:`datamodules.story_format.StoryFormat`, so batches arrive tokenised; LLM building and the
 resamplers live in :mod:`lightning_modules.components`, the export in :mod:`lightning_modules.mllm_export`.
 The loss is ``lm_weight * CE + rec_weight * regression`` (``1 - cos`` per feature token by default,
-MSE optional; with a ``codebook`` the keep-or-code cross-entropy) on the layout of :mod:`datamodules.sequence`.
+MSE optional; with a ``codebook`` the keep-or-code likelihood) on the layout of :mod:`datamodules.sequence`.
 
 Tiny default: a small Llama pretrained on the stories' text (:mod:`lightning_modules.language_model`,
 with its BPE tokenizer) and trained fully here (LoRA on a tiny network saves nothing). Real scale: Llama-2-7b from a local folder with LoRA (r 16, alpha 32) on every
@@ -89,7 +89,7 @@ class StoryMLLMModule(L.LightningModule):
             the model restores them instead of fading a little more at every step.
         codebook: keep-or-code (:mod:`~lightning_modules.components.feature_codebook`): every token of the
             next frame is a class, keep the edited frame's token or put one of ``size`` k-means codes
-            there, trained with cross-entropy instead of the regression loss and decoded by argmax, so a
+            there, trained on the labels' likelihood instead of the regression loss and decoded by argmax, so a
             generated frame holds real tokens instead of their blurred mean. Fitted on the training split
             at the start of the first ``fit``; not with ``residual_features``.
         self_read / self_read_passes: in training, this share of the frames the model reads are its

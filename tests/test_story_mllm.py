@@ -136,12 +136,12 @@ def test_saved_lora_adapter_loads_with_peft_and_gives_the_same_logits(tiny_world
     assert torch.allclose(a.predicted_features, b.predicted_features, atol=1e-5)
 
 
-# keep-or-code: the codes are fitted on the train split at the start of fit (a small codebook: the tiny world is small)
-KEEP_OR_CODE = ["--model.init_args.residual_features=false", "--model.init_args.codebook.size=64",
-                "--model.init_args.codebook.fit_tokens=5000"]
+# the tiny config's keep-or-code, its codes fitted on the train split at the start of fit (fewer: the test world is small)
+SMALL_CODEBOOK = ["--model.init_args.codebook.size=64", "--model.init_args.codebook.fit_tokens=5000"]
+REGRESSION = ["--model.init_args.codebook=null"]  # the same config regressing the features instead
 
 
-@pytest.mark.parametrize("overrides", [[], KEEP_OR_CODE], ids=["tiny_config", "keep_or_code"])
+@pytest.mark.parametrize("overrides", [SMALL_CODEBOOK, REGRESSION], ids=["tiny_config", "regression"])
 def test_fit_through_train_py_exports_what_reloads(tiny_world, tiny_tower, tiny_llm, tmp_path, overrides):
     """Stage 2 starts from the pretrained LLM folder (model and tokenizer), batches arrive laid out,
     and the export rebuilds a module with the same teacher-forced outputs."""
@@ -155,7 +155,7 @@ def test_fit_through_train_py_exports_what_reloads(tiny_world, tiny_tower, tiny_
         *overrides,
     ])
     assert cli.datamodule.story_format is cli.model.story_format  # linked, not configured twice
-    if overrides:  # fitted at the start of fit: 64 distinct codes
+    if overrides is SMALL_CODEBOOK:  # fitted at the start of fit: 64 distinct codes
         assert bool(cli.model.codebook.fitted) and len(torch.unique(cli.model.codebook.codes, dim=0)) == 64
     batch = next(iter(cli.datamodule.val_dataloader()))
     assert batch["sequence"].input_ids.shape[0] == len(batch["captions"])  # laid out in the loader
