@@ -164,7 +164,9 @@ def test_the_visual_tokenizer_config_learns_from_text_alone_and_exports_the_towe
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         vision = net.clip.vision_model.eval()
-        want = vision.post_layernorm(vision(pixel_values=pixels).last_hidden_state[:, 1:])
+        layers = vision(pixel_values=pixels, output_hidden_states=True)
+        hidden = layers.last_hidden_state if encoder.get("select_layer") is None else layers.hidden_states[encoder["select_layer"]]
+        want = vision.post_layernorm(hidden[:, 1:])
     torch.testing.assert_close(tower(pixels), want)
 
 
