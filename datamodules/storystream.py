@@ -214,14 +214,12 @@ class StoryStreamDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         world_size, rank = replicas or self._replicas()
         sampler = EpochSampler(len(dataset), world_size, rank, shuffle=train and self.shuffle, seed=self.seed, even=train)
-        if replicas is not None:  # a side read: the training loader's sampler and resume position stay as they are
-            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                              collate_fn=self._collate(dataset), persistent_workers=False, drop_last=False)
-        if train and self._resume_state:
-            sampler.set_epoch(self._resume_state["epoch"])
-            sampler.start_index = self._resume_state["start_index"]
-            self._resume_state = None
-        self._samplers[split] = sampler
+        if replicas is None:  # not a side read: this loader takes the resume position and is the one checkpointed
+            if train and self._resume_state:
+                sampler.set_epoch(self._resume_state["epoch"])
+                sampler.start_index = self._resume_state["start_index"]
+                self._resume_state = None
+            self._samplers[split] = sampler
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -116,4 +116,3 @@ def test_a_codebook_stage_2_decodes_whole_tokens_learns_and_survives_export(tiny
         torch.testing.assert_close(reloaded.forward_story(batch).predicted_features, out.predicted_features)
     with pytest.raises(ValueError, match="residual_features"):
         _module(tokenizer_dir, residual_features=True, codebook=codebook)
-
