@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_modules.detokenizer import load_detokenizer
 from tests.conftest import config_command, config_files, llm_args, tower_args
 from tests.test_stage3_generation import exports  # noqa: F401  (fixture)
 from tests.test_story_mllm import tokenizer_dir  # noqa: F401  (fixture)
@@ -135,9 +136,13 @@ def test_stage3_fsdp_two_processes_match_one(tiny_world, exports, tmp_path):  # 
     _assert_same_training(tmp_path / "single", tmp_path / "fsdp")
     a = read_checkpoint(tmp_path / "single" / "checkpoints" / "last.ckpt")["state_dict"]
     b = read_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.ckpt")["state_dict"]
-    # Adam moves a weight by ~lr whatever its gradient's size, so the few weights whose gradient is
-    # ~0 may step the other way when the reduction order changes; on average they agree closely
-    assert _mean_weight_difference(a, b) < 2e-5  # an update is ~1e-3 per step
+    start = {f"detokenizer.{k}": v for k, v in load_detokenizer(str(exports / "stage1")).state_dict().items()}
+    # Adam moves a weight by ~lr whatever its gradient's size, so the weights whose gradient is ~0 may
+    # step the other way when the reduction order changes; on average the two runs agree closely,
+    # measured against how far training moved the weights at all
+    moved = _mean_weight_difference(a, start)
+    assert moved > 0
+    assert _mean_weight_difference(a, b) < 0.1 * moved  # 0.076 here with the tiny config
 
 
 def _steps(out: Path, rank: int) -> list[dict]:
