@@ -30,6 +30,7 @@ from datamodules.sequence import StorySequence
 from datamodules.story_format import StoryFormat, StoryFormatConfig
 from lightning_modules.components import sharding, story_llm
 from lightning_modules.components.context_blur import blur_toward_story_mean
+from lightning_modules.components.context_swap import swap_regions_within_story, token_grid_side
 from lightning_modules.components.feature_codebook import CodebookConfig, FeatureCodebook, fit_codebook
 from lightning_modules.components.mllm_init import EXPORT_KIND, start_from_export
 from lightning_modules.components.qwen_resampler import QwenResamplerConfig
@@ -87,6 +88,10 @@ class StoryMLLMModule(L.LightningModule):
             sharp. Generation reads back its own regressed features, which regression to the mean
             has blurred (a character half-faded where it might have moved); trained on such input,
             the model restores them instead of fading a little more at every step.
+        context_swap: in training, this share of the frames the model reads (context and the edited frame)
+            has one rectangle of its token grid taken from another frame of its story chunk (a character
+            erased, moved or doubled; :mod:`~lightning_modules.components.context_swap`); targets stay true,
+            so the model learns to mend the errors a keep-or-code story would otherwise keep. Costs no pass.
         codebook: keep-or-code (:mod:`~lightning_modules.components.feature_codebook`): every token of the
             next frame is a class, keep the edited frame's token or put one of ``size`` k-means codes
             there, trained on the labels' likelihood instead of the regression loss and decoded by argmax, so a
@@ -119,6 +124,7 @@ class StoryMLLMModule(L.LightningModule):
         regress_from: Literal["slots", "step"] = "slots",
         edit_from: Literal["previous", "start"] = "previous",
         context_blur: float = 0.0,
+        context_swap: float = 0.0,
         self_read: float = 0.0,
         self_read_passes: int = 1,
         codebook: CodebookConfig | None = None,
@@ -146,6 +152,9 @@ class StoryMLLMModule(L.LightningModule):
             raise ValueError(f"edit_from is 'previous', or 'start' with residual_features or queries_from_previous; got {edit_from!r}")
         self.edit_from = edit_from
         self.context_blur = context_blur
+        if not 0.0 <= context_swap <= 1.0:
+            raise ValueError(f"context_swap is a share of the frames read, in [0, 1]; got {context_swap}")
+        self.context_swap = context_swap
         if self_read > 0 and self.story_format.config.supervise != "all":
             raise ValueError("self_read needs story_format.supervise: all (the first pass must regress every frame)")
         self.self_read, self.self_read_passes = self_read, self_read_passes
@@ -165,6 +174,8 @@ class StoryMLLMModule(L.LightningModule):
         self.output_resampler = build_resampler(output_resampler, width, encoder.num_tokens, encoder.dim,
                                                 query_input_dim=encoder.dim if queries_from_previous else 0)
         self.codebook = FeatureCodebook(codebook, encoder.dim) if codebook is not None else None
+        if context_swap > 0:
+            token_grid_side(encoder.num_tokens)  # a tokenizer without a square token grid fails here
         self.llm: nn.Module | None = None
         self.base_vocab_size: int | None = None
 
@@ -240,6 +251,9 @@ class StoryMLLMModule(L.LightningModule):
         if self.training and self.context_blur > 0 and "story_id" in batch:
             read = blur_toward_story_mean(features, feature_index, batch["story_id"], batch["frame_index"],
                                           self.context_blur, seed=self.global_step)
+        if self.training and self.context_swap > 0 and "story_id" in batch:
+            read = swap_regions_within_story(features if read is None else read, feature_index, batch["story_id"],
+                                             batch["frame_index"], self.context_swap, seed=1, step=self.global_step)
         if self.training and self.self_read > 0 and "story_id" in batch:
             read = read_own_regressions(self, seq, features, feature_index, read, batch)
         # one call through forward(): under FSDP the module is the root unit and must run first

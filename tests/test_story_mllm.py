@@ -276,6 +276,46 @@ def test_context_blur_pulls_read_frames_toward_their_story_mean_and_keeps_target
     assert not torch.allclose(out.previous_features, clean.previous_features)
 
 
+def test_context_swap_takes_rectangles_from_the_same_story_and_keeps_targets(tiny_world, tokenizer_dir):  # noqa: F811
+    from lightning_modules.components.context_swap import swap_regions_within_story
+
+    batch = _batch(tiny_world, n=2, max_images=4)
+    module = _module(tokenizer_dir, supervise="all", queries_from_previous=True, context_swap=1.0)
+    features, index = module.story_features(batch)
+    side = int(features.shape[1] ** 0.5)
+    swapped = swap_regions_within_story(features, index, batch["story_id"], batch["frame_index"], 1.0, seed=1, step=5)
+    changed_frames = 0
+    for b in range(2):
+        rows = index[b][index[b] >= 0]
+        for row in rows:
+            changed = (swapped[row] != features[row]).any(-1).view(side, side)
+            if not changed.any():
+                continue
+            changed_frames += 1
+            # each changed token is the token at its place in another frame of its own story chunk
+            others = [r for r in rows if r != row]
+            at_place = torch.stack([features[r] for r in others])  # (others, N, D)
+            flat = changed.flatten()
+            assert ((at_place[:, flat] == swapped[row][flat]).all(-1)).any(0).all()
+            # inside one rectangle of at most half the grid per side
+            ys, xs = changed.nonzero(as_tuple=True)
+            assert int(ys.max() - ys.min()) < side // 2 + 1 and int(xs.max() - xs.min()) < side // 2 + 1
+    assert changed_frames >= 3  # share 1: every frame with a differing partner is changed
+    assert torch.equal(swap_regions_within_story(features, index, batch["story_id"], batch["frame_index"], 0.0, 1, 5), features)
+    again = swap_regions_within_story(features, index, batch["story_id"], batch["frame_index"], 1.0, seed=1, step=5)
+    assert torch.equal(again, swapped)  # keyed: the same draw for the same (seed, step, story, frame)
+    # training reads swapped frames (context and the edited frame), the targets stay true
+    module.train()
+    out = module.forward_story(batch)
+    with torch.no_grad():
+        module.eval()
+        clean = module.forward_story(batch)
+    torch.testing.assert_close(out.target_features, clean.target_features)
+    assert not torch.allclose(out.previous_features, clean.previous_features)
+    with pytest.raises(ValueError, match="context_swap"):
+        _module(tokenizer_dir, context_swap=1.5)
+
+
 def test_self_read_trains_on_the_models_own_regressions_of_the_frames_it_reads(tiny_world, tokenizer_dir):  # noqa: F811
     from lightning_modules.components.self_read import read_own_regressions
 
