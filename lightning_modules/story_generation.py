@@ -25,6 +25,7 @@ import torch
 
 from datamodules.batch import batch_size
 from datamodules.frozen import Frozen
+from datamodules.images import UnreadableImage
 from datamodules.story_format import StoryFormat
 from datamodules.synthetic_world import BACKGROUND_NAMES
 from evaluation.evaluator import load_evaluator
@@ -187,10 +188,7 @@ class StoryGenerationModule(L.LightningModule):
             judged = [j for rank in every for j in rank]
         if not judged or not self.trainer.is_global_zero:
             return
-        summary = summarize(judged)
-        real = self._real_distinct(judged)
-        if real is not None:  # the reference for "distinct": the true stories over the same frames
-            summary["real_distinct_consecutive"] = real
+        summary = summarize(judged) | self._real_references(judged)
         path = Path(self.output_dir) / "judge.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary | {"detokenizer_dir": self.detokenizer_dir, "mllm_dir": self.mllm_dir}, indent=2))
@@ -199,16 +197,37 @@ class StoryGenerationModule(L.LightningModule):
             logger.log_metrics({f"judge/{k}": v for k, v in headline.items()})
         print(f"the judge ({path}): " + ", ".join(f"{k} {v:.3f}" for k, v in headline.items()))
 
-    def _real_distinct(self, judged: list[dict]) -> float | None:
-        """How often the true captions change over the frames each judged story covers (the predict
-        split's records, as the datamodule read them)."""
+    def _real_references(self, judged: list[dict]) -> dict[str, float]:
+        """The judge's references: the true stories over the frames each judged story covers (the predict
+        split's records, as the datamodule read them), their captions' ``real_distinct_consecutive`` and,
+        with their frames read by the same evaluator, their ``real_coherence_f1`` (steps >= 1, as
+        ``coherence_f1``). A story whose true frames cannot be read is left out of the second."""
         dataset = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get("predict")
         if dataset is None:
-            return None
-        stories = {r.story_id: r.captions for r in dataset.stories}
-        spans = [stories[j["story_id"]][j["start_frame"]: j["start_frame"] + len(j["coherence"])]
-                 for j in judged if j["story_id"] in stories]
-        return distinct_share(spans) if spans else None
+            return {}
+        index = {r.story_id: i for i, r in enumerate(dataset.stories)}
+        covered = [(index[j["story_id"]], range(j["start_frame"], j["start_frame"] + len(j["coherence"])))
+                   for j in judged if j["story_id"] in index]
+        if not covered:
+            return {}
+        out = {"real_distinct_consecutive": distinct_share([[dataset.stories[i].captions[f] for f in span if f < len(dataset.stories[i])]
+                                                            for i, span in covered])}
+        real = []
+        for i, span in covered:
+            try:
+                frames = dataset.load_frames(i, span)
+            except UnreadableImage as error:
+                log.warning("judge: story %s has an unreadable true frame (%s); left out of real_coherence_f1",
+                            dataset.stories[i].story_id, error)
+                continue
+            if frames["characters"] is None or len(frames["captions"]) < 2:
+                continue
+            characters, backgrounds = self.labeller.net.predict_labels(frames["pixels"].to(self.device).float())
+            labels = [{"characters": sorted(c), "background": b} for c, b in zip(characters, backgrounds, strict=True)]
+            real.append(judge_story(frames["captions"], labels, frames["characters"][0], frames["background"]))
+        if real:
+            out["real_coherence_f1"] = summarize(real)["coherence_f1"]
+        return out
 
     # -- standalone evaluation -------------------------------------------------------------
 

@@ -161,7 +161,7 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
     # the judge: each story read step by step, and judge.json equal to the summary of those readings
     from evaluation.judge import distinct_share, judge_story, summarize
 
-    readings, spans = [], []
+    readings, spans, real_frames = [], [], []
     for folder in folders:
         record = json.loads((folder / "story.json").read_text())
         story = json.loads(next(line for line in (tiny_world / "val.jsonl").read_text().splitlines()
@@ -172,6 +172,7 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
         assert record["judge"] == expected
         readings.append(expected)
         spans.append(story["captions"][truth["start_frame"]: truth["start_frame"] + len(record["captions"])])
+        real_frames.append((story, range(truth["start_frame"], min(truth["start_frame"] + len(record["captions"]), len(story["images"])))))
     # each story sampled with its own seed, derived from the configured one and its id
     from lightning_modules.story_generation import story_seed
 
@@ -181,6 +182,20 @@ def test_predict_writes_storyboards(tiny_world, exports, tmp_path):
     assert story_seed(0, ids[0]) == story_seed(0, ids[0]) != story_seed(1, ids[0])
     judge = json.loads((tmp_path / "stories" / "judge.json").read_text())
     assert judge.pop("real_distinct_consecutive") == pytest.approx(distinct_share(spans))  # the true stories, same frames
+    # and the true frames of those spans, read by the same evaluator, judged the same way
+    from evaluation.evaluator import load_evaluator
+
+    dm = StoryStreamDataModule(**data_args(tiny_world, image_size=64, predict_files=str(tiny_world / "val.jsonl")))
+    dm.setup("predict")
+    dataset = dm.datasets["predict"]
+    net = load_evaluator(evaluator)
+    real_readings = []
+    for story, span in real_frames:
+        frames = dataset.load_frames([s.story_id for s in dataset.stories].index(str(story["id"])), span)
+        characters, backgrounds = net.predict_labels(frames["pixels"])
+        labels = [{"characters": sorted(c), "background": b} for c, b in zip(characters, backgrounds)]
+        real_readings.append(judge_story([story["captions"][f] for f in span], labels, story["characters"][span[0]], story["background"]))
+    assert judge.pop("real_coherence_f1") == pytest.approx(summarize(real_readings)["coherence_f1"])
     assert {k: v for k, v in judge.items() if k not in ("detokenizer_dir", "mllm_dir")} == json.loads(json.dumps(summarize(readings)))
 
 
