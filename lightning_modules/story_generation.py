@@ -161,10 +161,16 @@ class StoryGenerationModule(L.LightningModule):
         images = [s.image for s in story.steps]
         if any(image is None for image in images):
             return []
-        characters, backgrounds = self.labeller.net.predict_labels(torch.stack(images).to(self.device).float())
+        labels = self._evaluator_labels(torch.stack(images))
         truth = batch["characters"][row]
         if truth is not None and batch["background"][row] is not None:
-            self._retention.update(characters, backgrounds, truth[0], batch["background"][row])
+            self._retention.update([label["characters"] for label in labels], [label["background"] for label in labels],
+                                   truth[0], batch["background"][row])
+        return labels
+
+    def _evaluator_labels(self, images: torch.Tensor) -> list[dict[str, Any]]:
+        """The evaluator's ``{"characters" (sorted), "background"}`` of each image of ``(n, 3, S, S)`` in [-1, 1]."""
+        characters, backgrounds = self.labeller.net.predict_labels(images.to(self.device).float())
         return [{"characters": sorted(c), "background": b} for c, b in zip(characters, backgrounds, strict=True)]
 
     def on_predict_end(self) -> None:
@@ -222,8 +228,7 @@ class StoryGenerationModule(L.LightningModule):
                 continue
             if frames["characters"] is None or len(frames["captions"]) < 2:
                 continue
-            characters, backgrounds = self.labeller.net.predict_labels(frames["pixels"].to(self.device).float())
-            labels = [{"characters": sorted(c), "background": b} for c, b in zip(characters, backgrounds, strict=True)]
+            labels = self._evaluator_labels(frames["pixels"])
             real.append(judge_story(frames["captions"], labels, frames["characters"][0], frames["background"]))
         if real:
             out["real_coherence_f1"] = summarize(real)["coherence_f1"]

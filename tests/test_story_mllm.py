@@ -52,6 +52,18 @@ def _train(module: StoryMLLMModule, batch, steps: int, lr: float = 3e-3) -> list
     return history
 
 
+def _assert_training_reads_changed_frames_and_keeps_targets(module: StoryMLLMModule, batch) -> None:
+    """A training-only augmentation of what the model reads: in training the edited frames differ from
+    evaluation's, the targets are the same true features."""
+    module.train()
+    out = module.forward_story(batch)
+    with torch.no_grad():
+        module.eval()
+        clean = module.forward_story(batch)
+    torch.testing.assert_close(out.target_features, clean.target_features)
+    assert not torch.allclose(out.previous_features, clean.previous_features)
+
+
 def _batch(world, n=4, max_images=4, seed=0):
     dm = StoryStreamDataModule(**data_args(world, batch_size=n, max_images=max_images, min_images=max_images, seed=seed, shuffle=False))
     dm.setup("fit")
@@ -267,13 +279,7 @@ def test_context_blur_pulls_read_frames_toward_their_story_mean_and_keeps_target
     alone = blur_toward_story_mean(f1, i1, single["story_id"], single["frame_index"], 0.5, seed=3)
     torch.testing.assert_close(alone, blurred[index[1][index[1] >= 0]])
     # training reads blurred frames, but the targets are the true ones
-    module.train()
-    out = module.forward_story(batch)
-    with torch.no_grad():
-        module.eval()
-        clean = module.forward_story(batch)
-    torch.testing.assert_close(out.target_features, clean.target_features)
-    assert not torch.allclose(out.previous_features, clean.previous_features)
+    _assert_training_reads_changed_frames_and_keeps_targets(module, batch)
 
 
 def test_context_swap_takes_rectangles_from_the_same_story_and_keeps_targets(tiny_world, tokenizer_dir):  # noqa: F811
@@ -305,13 +311,7 @@ def test_context_swap_takes_rectangles_from_the_same_story_and_keeps_targets(tin
     again = swap_regions_within_story(features, index, batch["story_id"], batch["frame_index"], 1.0, seed=1, step=5)
     assert torch.equal(again, swapped)  # keyed: the same draw for the same (seed, step, story, frame)
     # training reads swapped frames (context and the edited frame), the targets stay true
-    module.train()
-    out = module.forward_story(batch)
-    with torch.no_grad():
-        module.eval()
-        clean = module.forward_story(batch)
-    torch.testing.assert_close(out.target_features, clean.target_features)
-    assert not torch.allclose(out.previous_features, clean.previous_features)
+    _assert_training_reads_changed_frames_and_keeps_targets(module, batch)
     with pytest.raises(ValueError, match="context_swap"):
         _module(tokenizer_dir, context_swap=1.5)
 
