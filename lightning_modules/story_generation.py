@@ -212,12 +212,11 @@ class StoryGenerationModule(L.LightningModule):
         if dataset is None:
             return {}
         index = {r.story_id: i for i, r in enumerate(dataset.stories)}
-        covered = [(index[j["story_id"]], range(j["start_frame"], j["start_frame"] + len(j["coherence"])))
-                   for j in judged if j["story_id"] in index]
+        covered = [(i, range(j["start_frame"], min(j["start_frame"] + len(j["coherence"]), len(dataset.stories[i]))))
+                   for j in judged if (i := index.get(j["story_id"])) is not None]
         if not covered:
             return {}
-        out = {"real_distinct_consecutive": distinct_share([[dataset.stories[i].captions[f] for f in span if f < len(dataset.stories[i])]
-                                                            for i, span in covered])}
+        out = {"real_distinct_consecutive": distinct_share([[dataset.stories[i].captions[f] for f in span] for i, span in covered])}
         real = []
         for i, span in covered:
             try:

@@ -37,10 +37,10 @@ def swap_regions_within_story(features: torch.Tensor, feature_index: torch.Tenso
     side = token_grid_side(features.shape[1])
     out = features.clone()
     for b, story in enumerate(story_ids):
-        rows = feature_index[b][feature_index[b] >= 0].tolist()
+        positions = (feature_index[b] >= 0).nonzero().flatten()
+        rows = feature_index[b][positions].tolist()
         if len(rows) < 2:  # nothing in the chunk to take a rectangle from
             continue
-        positions = (feature_index[b] >= 0).nonzero().flatten().tolist()
         for i, (row, position) in enumerate(zip(rows, positions)):
             draw = torch.Generator().manual_seed(sample_key(seed, step, story, int(frame_index[b, position])))
             if torch.rand((), generator=draw).item() >= share:
