@@ -36,7 +36,7 @@ from evaluation.story_metrics import StoryMetrics
 def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, steps: int = 9,
                      detokenizer_dir: str | None = None, num_inference_steps: int | None = None,
                      mllm_dir: str | None = None, guidance_scale: float | None = None, sheet: Path | None = None,
-                     sheet_stories: int = 4, stories: int | None = None) -> dict[str, float]:
+                     sheet_stories: int = 4, stories: int | None = None, sampler: str | None = None) -> dict[str, float]:
     """Scores of ``source``'s frames over the split's first ``stories`` stories (all by default; the
     test command with ``limit_test_batches`` x batch size stories scores the same ones). With
     ``sheet``, also a picture of the first ``sheet_stories`` stories: each story's true frames in one
@@ -68,11 +68,11 @@ def reference_scores(evaluator_dir: str, data: Path, split: str, source: str, st
         elif mllm is None:  # reconstruction redraws each scored frame, copy the true frame before it
             shown = dataset.load_frames(index, range(0, steps))["vit_pixels"] if source == "copy" else frames["vit_pixels"]
             drawn = detokenizer.reconstruct(shown, generator=generator, num_inference_steps=num_inference_steps,
-                                            guidance_scale=guidance_scale)
+                                            guidance_scale=guidance_scale, sampler=sampler)
         else:
             features = teacher_forced_features(mllm, dataset.load_frames(index, range(0, 1 + steps)))
             drawn = detokenizer.decode(features, generator=generator, num_inference_steps=num_inference_steps,
-                                       guidance_scale=guidance_scale)
+                                       guidance_scale=guidance_scale, sampler=sampler)
         n = len(truth)
         if sheet is not None and index < sheet_stories:
             rows += [truth, drawn.to(truth.dtype)]
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--stories", type=int, help="score the split's first N stories (default: all)")
     parser.add_argument("--num-inference-steps", type=int)
+    parser.add_argument("--sampler", choices=["euler", "dpmpp"], help="the diffusion sampler (default: euler)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the de-tokenizer's own)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--sheet", type=Path, help="a PNG of the first stories: true frames above the frames scored")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--source regressed needs --mllm")
     scores = reference_scores(args.evaluator, args.data, args.split, args.source, args.steps, args.detokenizer,
                               args.num_inference_steps, args.mllm, args.guidance_scale, args.sheet, args.sheet_stories,
-                              args.stories)
+                              args.stories, args.sampler)
     print(metric_table(scores))
     if args.out:
         args.out.write_text(json.dumps({"metrics": scores, "source": args.source}, indent=2))
