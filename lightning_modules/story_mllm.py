@@ -100,6 +100,9 @@ class StoryMLLMModule(L.LightningModule):
         self_read / self_read_passes: in training, this share of the frames the model reads are its
             own regressions of them, ``passes`` deep (:mod:`~lightning_modules.components.self_read`;
             needs ``supervise: all``; each pass is one more forward without gradients).
+        self_read_from: the training step from which self-read applies (0: from the start). Before a
+            model has learned the edits its own frames are noise; read late, its mistakes are the ones
+            a generated story makes, and the true targets teach it to mend them.
         init_from: a stage-2 export (this project's, or a released agent converted by
             ``python -m tools.convert agent``) whose weights the run starts from: its LoRA adapter
             with the modules trained whole (or its whole LLM when trained without LoRA) and its
@@ -127,6 +130,7 @@ class StoryMLLMModule(L.LightningModule):
         context_swap: float = 0.0,
         self_read: float = 0.0,
         self_read_passes: int = 1,
+        self_read_from: int = 0,
         codebook: CodebookConfig | None = None,
         gradient_checkpointing: bool = False,
         init_from: str | None = None,
@@ -158,6 +162,9 @@ class StoryMLLMModule(L.LightningModule):
         if self_read > 0 and self.story_format.config.supervise != "all":
             raise ValueError("self_read needs story_format.supervise: all (the first pass must regress every frame)")
         self.self_read, self.self_read_passes = self_read, self_read_passes
+        if self_read_from < 0:
+            raise ValueError(f"self_read_from is a training step (>= 0); got {self_read_from}")
+        self.self_read_from = self_read_from
         if codebook is not None and residual_features:
             raise ValueError("codebook decodes whole tokens (keep or code): set residual_features: false")
         self.gradient_checkpointing = gradient_checkpointing
@@ -254,7 +261,7 @@ class StoryMLLMModule(L.LightningModule):
         if self.training and self.context_swap > 0 and "story_id" in batch:
             read = swap_regions_within_story(features if read is None else read, feature_index, batch["story_id"],
                                              batch["frame_index"], self.context_swap, seed=1, step=self.global_step)
-        if self.training and self.self_read > 0 and "story_id" in batch:
+        if self.training and self.self_read > 0 and self.global_step >= self.self_read_from and "story_id" in batch:
             read = read_own_regressions(self, seq, features, feature_index, read, batch)
         # one call through forward(): under FSDP the module is the root unit and must run first
         logits, predicted, previous, target, code_logits = self(seq, features, feature_index, read)

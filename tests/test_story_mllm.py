@@ -1,5 +1,6 @@
 """Stage 2: the story-teller MLLM."""
 
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -343,6 +344,15 @@ def test_self_read_trains_on_the_models_own_regressions_of_the_frames_it_reads(t
     torch.testing.assert_close(out.target_features, features[targets])
     module.losses(out)["loss"].backward()  # gradients flow through the trained pass only
     assert module.output_resampler.parameters().__next__().grad is not None
+    # self_read_from: before that training step the model reads the true frames, from it its own
+    module.self_read_from = 3
+    module._trainer = SimpleNamespace(global_step=2)  # the one trainer fact forward_story reads
+    torch.testing.assert_close(module.forward_story(batch, features, index).previous_features, features[prev_rows])
+    module._trainer.global_step = 3
+    torch.testing.assert_close(module.forward_story(batch, features, index).previous_features, read[prev_rows])
+    module._trainer, module.self_read_from = None, 0
+    with pytest.raises(ValueError, match="self_read_from"):
+        _module(tokenizer_dir, supervise="all", self_read=0.5, self_read_from=-1)
     # a share below one replaces some frames, each by its own keyed draw
     module.self_read = 0.5
     half = read_own_regressions(module, seq, features, index, None, batch)
