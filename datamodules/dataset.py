@@ -173,7 +173,10 @@ class EpochSampler(DistributedSampler):
             yield index, self.epoch
 
     def __len__(self) -> int:
-        return len(self._indices()) - self.start_index
+        # the whole epoch's length, resumed or not: Lightning reads an epoch's batch count from it once, when
+        # the loader is set up, and counts a resumed epoch from the batches already done, so the remainder's
+        # length would cut the resumed epoch and every later one short
+        return len(self._indices())
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:

@@ -87,3 +87,28 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_world, tmp_path):
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run_clearly(tiny_world, tmp_path):
     with pytest.raises(RuntimeError, match="3 optimizer steps in a row had non-finite gradients"):
         _guarded_fit(tiny_world, tmp_path, _NaNAt(bad_steps=set(range(100))), NonFiniteGuard(max_in_a_row=3), steps=10)
+
+
+def test_a_run_resumed_mid_epoch_reads_every_later_epoch_whole(tiny_world, tmp_path):
+    """Resumed mid-epoch, a run reads the rest of that epoch and then whole epochs, as the uninterrupted run does
+    (4 batches an epoch here: 16 train stories, 4 a batch; resumed after 2 batches of the second epoch)."""
+    import lightning as L
+
+    from datamodules.storystream import StoryStreamDataModule
+    from tests.conftest import data_args
+    from tests.helpers import StepLog
+
+    def fit(out, steps, ckpt_path=None):
+        out.mkdir(exist_ok=True)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=6, save_top_k=-1)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=0,
+                            callbacks=[checkpoint, StepLog(str(out / "steps.jsonl"))], default_root_dir=out)
+        trainer.fit(PixelMeanProbe(), datamodule=StoryStreamDataModule(**data_args(tiny_world, mode="stories")),
+                    ckpt_path=ckpt_path)
+        return _steps(out)
+
+    whole = fit(tmp_path / "whole", 16)
+    first = fit(tmp_path / "part", 6)
+    resumed = fit(tmp_path / "part", 16, ckpt_path=str(tmp_path / "part" / "ckpt" / "epoch=1-step=6.ckpt"))[len(first):]
+    assert [s["step"] for s in first + resumed] == list(range(1, 17))
+    assert [(s["ids"], s["frames"]) for s in first + resumed] == [(s["ids"], s["frames"]) for s in whole]
