@@ -191,3 +191,15 @@ def test_null_on_the_command_line_clears_a_nested_field_and_keeps_the_rest():
     assert vision.path is None and unet.path is None
     assert vision.backend == "qwen_vl" and vision.image_size == 448 and vision.num_layers == 2
     assert unet.config == "lightning_modules/components/sdxl_unet_config.json"
+
+
+def test_settings_replaced_names_each_model_setting_the_run_does_not_use():
+    from jsonargparse import Namespace
+
+    from tools.cli import settings_replaced
+
+    given = Namespace(class_path="m.M", init_args=Namespace(lr=0.1, export_dir="runs/b/export", depth=2))
+    assert settings_replaced(given, given.clone()) == {}
+    used = Namespace(class_path="m.M", init_args=Namespace(lr=0.01, export_dir="runs/a/export", depth=2))
+    assert settings_replaced(given, used) == {"export_dir": ("runs/b/export", "runs/a/export"), "lr": (0.1, 0.01)}
+    assert settings_replaced(None, used) == {}

@@ -42,8 +42,11 @@ def test_killed_run_resumes_with_the_same_steps_samples_and_losses(tiny_world, t
     before = _steps(tmp_path / "crash")  # SIGTERM: Lightning stops gracefully at the next step boundary
     assert [s["step"] for s in before] == [1, 2, 3, 4, 5]
     torch.load(tmp_path / "crash" / "ckpt" / "last.ckpt", weights_only=False)  # "last" is complete, not half written
-    resumed = _fit(tiny_world, tiny_tower, tmp_path / "crash", ["--ckpt_path", str(tmp_path / "crash" / "ckpt" / "last.ckpt")])
+    # a model setting changed on the resume command is not used (LightningCLI takes the checkpoint's), and the run says so
+    resumed = _fit(tiny_world, tiny_tower, tmp_path / "crash", ["--ckpt_path", str(tmp_path / "crash" / "ckpt" / "last.ckpt"),
+                                                                "--model.init_args.cond_dropout=0.3"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "the checkpoint's model settings are used, not the command line's: cond_dropout 0.3 -> 0.1" in resumed.stderr
     after = _steps(tmp_path / "crash")[len(before):]
     reference = _steps(tmp_path / "whole")
     # resumed from the step-4 checkpoint: steps 5..8 again, with the very same samples and losses

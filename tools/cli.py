@@ -17,8 +17,10 @@ a ``name`` is named after that folder, so the run root is written once, in the s
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
+import logging
 import os
 import sys
 from pathlib import Path
@@ -32,6 +34,8 @@ from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.data_health import DataHealthCallback
 from callbacks.resilience import NonFiniteGuard, RNGStateCallback, guard_checkpoint_loading, resumable_checkpoints
+
+log = logging.getLogger(__name__)
 
 
 def story_format_of(model: Any) -> Any:
@@ -117,6 +121,19 @@ def fill_schedule_length(config: Namespace) -> None:
                          "remove total_steps from the config, the schedule takes the run's length")
 
 
+def settings_replaced(given: Namespace | None, used: Namespace | None) -> dict[str, tuple[Any, Any]]:
+    """The model's ``init_args`` the command line gave that differ from those the run uses: ``{name: (given, used)}``.
+
+    Resuming (``--ckpt_path``), LightningCLI merges the checkpoint's hyperparameters over the command line's, so a
+    run goes on as it was trained: a changed setting (a learning rate, ``export_dir`` under another run root) is
+    not used, and this says which.
+    """
+    if given is None or used is None:
+        return {}
+    before, after = given.as_dict().get("init_args") or {}, used.as_dict().get("init_args") or {}
+    return {name: (before[name], after.get(name)) for name in sorted(before) if before[name] != after.get(name)}
+
+
 def nested_nulls_as_dicts(args: list[str]) -> list[str]:
     """``--a.init_args.b.c=null`` -> ``--a.init_args.b={c: null}``: the same override, in the form that parses.
 
@@ -147,11 +164,23 @@ class StoryCLI(LightningCLI):
         if args is None or isinstance(args, (list, tuple)):
             args = nested_nulls_as_dicts(list(sys.argv[1:] if args is None else args))
         super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        # the model as the command line gave it, before a resumed checkpoint's hyperparameters are merged over it
+        self.model_as_given = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
+
+    def _warn_settings_replaced(self, config: Namespace) -> None:
+        replaced = settings_replaced(getattr(self, "model_as_given", None), config.get("model"))
+        if replaced:
+            log.warning("resuming from %s: the checkpoint's model settings are used, not the command line's: %s. To change "
+                        "them, start a new run from its weights (stage 2: init_from an export) or edit the checkpoint's "
+                        "hyper_parameters", config.get("ckpt_path"),
+                        "; ".join(f"{name} {given!r} -> {used!r}" for name, (given, used) in replaced.items()))
 
     def before_instantiate_classes(self) -> None:
         # the parsed config of the current subcommand (the whole config when run=False); the config
         # saved next to the logs is this one, so it shows the filled folders
         config = self.config.get(str(self.subcommand), self.config)
+        self._warn_settings_replaced(config)
         fill_logger_dirs(config.trainer)
         fill_schedule_length(config)
 
