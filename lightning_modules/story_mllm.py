@@ -102,7 +102,8 @@ class StoryMLLMModule(L.LightningModule):
             needs ``supervise: all``; each pass is one more forward without gradients).
         self_read_from: the training step from which self-read applies (0: from the start). Before a
             model has learned the edits its own frames are noise; read late, its mistakes are the ones
-            a generated story makes, and the true targets teach it to mend them.
+            a generated story makes, for the true targets to mend (with keep-or-code it did not help:
+            README, "Not there yet", rows R).
         init_from: a stage-2 export (this project's, or a released agent converted by
             ``python -m tools.convert agent``) whose weights the run starts from: its LoRA adapter
             with the modules trained whole (or its whole LLM when trained without LoRA) and its
