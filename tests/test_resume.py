@@ -9,7 +9,7 @@ import torch
 
 from callbacks.resilience import NonFiniteGuard
 from tests.conftest import config_command, tower_args
-from tests.helpers import PixelMeanProbe
+from tests.helpers import PixelMeanProbe, StepLog
 
 
 def _fit(world, tower, out, extra):
@@ -99,7 +99,6 @@ def test_a_run_resumed_mid_epoch_reads_every_later_epoch_whole(tiny_world, tmp_p
 
     from datamodules.storystream import StoryStreamDataModule
     from tests.conftest import data_args
-    from tests.helpers import StepLog
 
     def fit(out, steps, ckpt_path=None):
         out.mkdir(exist_ok=True)
